@@ -1,0 +1,43 @@
+"""Flower ClientApp: wires messages to fedprune.fl.client_core (all logic lives there).
+
+The experiment config travels in every message (ConfigRecord key ``fedprune-config``),
+so a client needs nothing but its ``partition-id`` / ``num-partitions`` node config.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprune.config import from_yaml
+from fedprune.fl.client_core import check_partition, client_evaluate, client_train
+
+app = ClientApp()
+
+
+def _unpack(msg: Message, context: Context):
+    conf = msg.content["config"]
+    cfg = from_yaml(str(conf["fedprune-config"]))
+    torch.set_num_threads(cfg.sim.torch_threads)
+    pid = int(context.node_config["partition-id"])
+    check_partition(cfg, pid, int(context.node_config["num-partitions"]))
+    payload = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    return cfg, pid, payload, int(conf.get("server-round", 0))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, payload, server_round = _unpack(msg, context)
+    reply, metrics = client_train(cfg, pid, payload, server_round)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in reply.items()}),
+                          "metrics": MetricRecord({**metrics, "partition-id": pid})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, pid, payload, _ = _unpack(msg, context)
+    metrics = client_evaluate(cfg, pid, payload)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+

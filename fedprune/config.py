@@ -1,0 +1,292 @@
+"""Typed experiment configuration.
+
+Dataclasses validated in ``__post_init__`` and merged with omegaconf from YAML files in
+``experiments/configs/`` plus ``key=value`` overrides. Unknown keys and wrong types fail
+before any work starts, naming the key; bad values name the key and the valid choices.
+One bridge (:func:`from_run_config`) turns Flower's flat ``run_config`` into the same object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR_ENV = "FEDPRUNE_CONFIG_DIR"
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names the key."""
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check(key: str, ok: bool, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: {what}")
+
+
+DATASETS = ("cifar10", "mnist")
+PARTITIONERS = ("iid", "dirichlet", "shards", "pathological")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    # Local data root; "" means $FEDPRUNE_DATA_ROOT, and without it the public hub.
+    root: str = ""
+    # Decoded-array and partition cache; "" means $FEDPRUNE_CACHE or ~/.cache/fedprune.
+    cache_dir: str = ""
+    num_clients: int = 10
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration over labels (smaller = more skew)
+    classes_per_client: int = 2  # pathological: labels per client
+    shards_per_client: int = 2  # shards (McMahan et al. 2017): label-sorted shards per client
+    min_partition_size: int = 10
+    train_subset: int = 0  # 0 = whole training set; else a seeded random subset of this size
+    test_subset: int = 0  # 0 = whole test set (server-side evaluation)
+    augment: bool = True  # random crop + flip on CIFAR-10 during local training
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.partitioner", self.partitioner, PARTITIONERS)
+        _check("data.num_clients", self.num_clients >= 1, "must be >= 1", self.num_clients)
+        _check("data.alpha", self.alpha > 0, "must be > 0", self.alpha)
+        _check("data.classes_per_client", self.classes_per_client >= 1, "must be >= 1",
+               self.classes_per_client)
+        _check("data.shards_per_client", self.shards_per_client >= 1, "must be >= 1",
+               self.shards_per_client)
+        _check("data.train_subset", self.train_subset >= 0, "must be >= 0", self.train_subset)
+        _check("data.test_subset", self.test_subset >= 0, "must be >= 0", self.test_subset)
+        _check("data.min_partition_size", self.min_partition_size >= 0, "must be >= 0",
+               self.min_partition_size)
+
+
+MODELS = ("resnet8", "resnet20", "resnet18", "vgg11_bn", "convnet")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet8"
+    width: int = 16  # channels of the first stage; later stages scale from it
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODELS)
+        _check("model.width", self.width >= 1, "must be >= 1", self.width)
+        _check("model.num_classes", self.num_classes >= 2, "must be >= 2", self.num_classes)
+
+
+MASK_INITS = ("dense", "uniform", "erk", "global_magnitude", "random")
+
+
+@dataclass
+class MaskConfig:
+    density: float = 0.1  # fraction of prunable weights kept (1.0 = dense)
+    init: str = "erk"
+    # Names (fnmatch patterns over parameter names) of prunable tensors kept dense.
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("mask.density", 0.0 < self.density <= 1.0, "must be in (0, 1]", self.density)
+        _choice("mask.init", self.init, MASK_INITS)
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    max_steps: int = 0  # 0 = no cap; else stop local training after this many batches
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        _check("train.local_epochs", self.local_epochs >= 1, "must be >= 1", self.local_epochs)
+        _check("train.max_steps", self.max_steps >= 0, "must be >= 0", self.max_steps)
+        _check("train.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        _check("train.lr", self.lr > 0, "must be > 0", self.lr)
+        _check("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)", self.momentum)
+        _check("train.weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
+
+
+STRATEGIES = ("sparse_fedavg",)
+
+
+@dataclass
+class FedConfig:
+    strategy: str = "sparse_fedavg"
+    rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0  # > 0 adds federated evaluation on the clients
+    min_train_clients: int = 2
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _choice("fed.strategy", self.strategy, STRATEGIES)
+        _check("fed.rounds", self.rounds >= 1, "must be >= 1", self.rounds)
+        _check("fed.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]",
+               self.fraction_train)
+        _check("fed.fraction_evaluate", 0 <= self.fraction_evaluate <= 1, "must be in [0, 1]",
+               self.fraction_evaluate)
+        _check("fed.min_train_clients", self.min_train_clients >= 1, "must be >= 1",
+               self.min_train_clients)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class SimConfig:
+    client_cpus: float = 1.0  # Ray resources per virtual client (2 cores -> 2 in parallel)
+    client_gpus: float = 0.0
+    torch_threads: int = 1  # torch threads inside each client (avoid oversubscription)
+
+    def __post_init__(self) -> None:
+        _check("sim.client_cpus", self.client_cpus > 0, "must be > 0", self.client_cpus)
+        _check("sim.client_gpus", self.client_gpus >= 0, "must be >= 0", self.client_gpus)
+        _check("sim.torch_threads", self.torch_threads >= 1, "must be >= 1", self.torch_threads)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    name: str = ""  # "" = <config name>-<timestamp>
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("run.device", self.device, DEVICES)
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.fed.min_train_clients > self.data.num_clients:
+            raise ConfigError(
+                f"fed.min_train_clients={self.fed.min_train_clients} exceeds "
+                f"data.num_clients={self.data.num_clients}"
+            )
+        if self.data.dataset == "mnist" and self.model.name != "convnet":
+            raise ConfigError(
+                f"model.name={self.model.name!r} expects 3-channel 32x32 input; "
+                "data.dataset='mnist' needs model.name='convnet'"
+            )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_dir() -> Path:
+    """Where named configs live: $FEDPRUNE_CONFIG_DIR or the repo's experiments/configs."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """Accept a YAML path or a config name from experiments/configs/."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = config_dir() / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in config_dir().glob("*.yaml"))
+    raise ConfigError(f"config file {name_or_path!r} not found; named configs: {known}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated."""
+    layers = [OmegaConf.structured(ExperimentConfig)]
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        layers.append(OmegaConf.load(path))
+    if overrides:
+        _check_override_syntax(overrides)
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+    except ConfigError:
+        raise
+    assert isinstance(cfg, ExperimentConfig)
+    return cfg
+
+
+def _check_override_syntax(overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    if isinstance(err.__cause__, ConfigError):
+        return str(err.__cause__)
+    if key:
+        return f"config key {key!r}: {msg}"
+    return msg
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> ExperimentConfig:
+    """Rebuild a config sent over the wire (e.g. server -> client)."""
+    try:
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text))
+        )
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted keys -> values (lists kept), e.g. for result files and tables."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return out
+
+
+def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
+    """Bridge from Flower's flat ``run_config``: ``config`` names the YAML, ``overrides``
+    holds space-separated ``key=value`` pairs (pyproject's [tool.flwr.app.config])."""
+    unknown = sorted(set(run_config) - {"config", "overrides"})
+    if unknown:
+        raise ConfigError(f"unknown run_config keys {unknown}; valid keys: ['config', 'overrides']")
+    name = str(run_config.get("config", "") or "") or None
+    overrides = str(run_config.get("overrides", "") or "").split()
+    return load_config(name, overrides)

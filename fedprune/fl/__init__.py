@@ -1,0 +1,1 @@
+"""Flower-free federated logic: aggregation and run records."""

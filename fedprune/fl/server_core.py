@@ -1,0 +1,92 @@
+"""The server's side of sparse federated training, without Flower.
+
+Holds the global weights and mask, encodes what goes down, strictly decodes what comes
+up (a bad reply is rejected with its reason, never averaged), aggregates, evaluates.
+The Flower strategy in ``server/`` only moves these payloads in messages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig
+from ..data import make_loader, test_split
+from ..masks import (apply_masks_, count_flops, count_params, global_density, init_masks,
+                     layer_densities)
+from ..masks import wire
+from ..models import build_model, input_shape
+from ..train import evaluate, select_device
+from .aggregate import weighted_average
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_state_(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+
+
+class SparseServer:
+    """Global model + mask of one run, and the operations a round needs."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        seed_everything(cfg.run.seed)
+        self.device = select_device(cfg.run.device)
+        self.model = build_model(cfg.model, cfg.data.dataset)
+        masks = init_masks(self.model, cfg.mask.density, cfg.mask.init, seed=cfg.mask.seed,
+                           exclude=cfg.mask.exclude)
+        apply_masks_(self.model, masks)
+        self.masks_t = masks
+        self.masks = {k: v.cpu().numpy().astype(bool) for k, v in masks.items()}
+        self.state = model_state(self.model)
+        self.template = wire.template_of(self.state)
+        self._test = None
+
+    # ------------------------------------------------------------------ wire
+    def encode_down(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return wire.encode_down(state, self.masks)
+
+    def decode_reply(self, payload: dict[str, np.ndarray], client: str) -> dict[str, np.ndarray]:
+        """Dense state from a client's kept values; raises ``wire.WireError``."""
+        return wire.decode_up(payload, self.template, self.masks, client)
+
+    def aggregate(self, states: list[dict[str, np.ndarray]], weights: list[float]
+                  ) -> dict[str, np.ndarray]:
+        self.state = weighted_average(states, weights)
+        return self.state
+
+    # ------------------------------------------------------------------ metrics
+    def evaluate(self, state: dict[str, np.ndarray]) -> dict[str, float]:
+        """Centralized test accuracy and loss of ``state``."""
+        if self._test is None:
+            self._test = test_split(self.cfg.data)
+        load_state_(self.model, state)
+        loader = make_loader(self._test, self.cfg.data.dataset, self.cfg.train.eval_batch_size,
+                             shuffle=False)
+        return evaluate(self.model, loader, self.device)
+
+    def cost(self) -> dict[str, float]:
+        """Density, params and FLOPs of the current mask vs the dense model."""
+        shape = (1, *input_shape(self.cfg.data.dataset))
+        flops = count_flops(self.model, shape, self.masks_t)
+        params = count_params(self.model, self.masks_t)
+        return {"density": global_density(self.masks_t), **_prefixed(flops, "flops"),
+                **_prefixed(params, "params")}
+
+    def layer_densities(self) -> dict[str, float]:
+        return layer_densities(self.masks_t)
+
+
+def _prefixed(d: dict, prefix: str) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in d.items() if isinstance(v, (int, float))}

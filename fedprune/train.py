@@ -1,0 +1,96 @@
+"""Local training and evaluation with masks enforced.
+
+Pruned weights stay exactly zero: gradients are masked before each optimizer step (so
+momentum never accumulates at pruned positions) and weights are re-masked after it
+(weight decay and numerical noise cannot revive them).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor] | None
+                   ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    if not masks:
+        return []
+    params = dict(model.named_parameters())
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise KeyError(f"masks name tensors the model does not have: {unknown[:5]}")
+    device = next(model.parameters()).device
+    return [(params[n], m.to(device=device, dtype=params[n].dtype)) for n, m in masks.items()]
+
+
+def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
+                masks: dict[str, torch.Tensor] | None = None,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD."""
+    device = torch.device(device)
+    model.to(device).train()
+    masked = _masked_params(model, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    with torch.no_grad():  # incoming weights may carry values at pruned positions
+        for p, m in masked:
+            p.mul_(m)
+    steps, seen, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+    for _ in range(cfg.local_epochs):
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for p, m in masked:
+                    if p.grad is not None:
+                        p.grad.mul_(m)
+            opt.step()
+            with torch.no_grad():
+                for p, m in masked:
+                    p.mul_(m)
+            steps += 1
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
+    return {"train_loss": loss_sum / max(seen, 1), "steps": steps, "examples": seen,
+            "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, device: torch.device | str = "cpu"
+             ) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy over ``batches``."""
+    device = torch.device(device)
+    model.to(device).eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ValueError("evaluate() got no examples")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "examples": n}

@@ -1,0 +1,90 @@
+"""One federated run on a Grid: the ServerApp body, shared by simulation and deployment."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.data import partition_report
+from fedprune.fl.recorder import RunRecorder
+from fedprune.fl.server_core import SparseServer
+from fedprune.fl.summary import print_round, print_summary, summarize
+
+from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
+
+
+def make_strategy(cfg: ExperimentConfig, core: SparseServer) -> SparseFedAvg:
+    n = cfg.data.num_clients
+    return SparseFedAvg(
+        core,
+        fraction_train=cfg.fed.fraction_train,
+        fraction_evaluate=cfg.fed.fraction_evaluate,
+        min_train_nodes=min(cfg.fed.min_train_clients, n),
+        min_evaluate_nodes=min(cfg.fed.min_train_clients, n) if cfg.fed.fraction_evaluate else 0,
+        # wait for every node: round 1 can otherwise start before all have registered
+        min_available_nodes=n,
+    )
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """Run ``cfg.fed.rounds`` rounds of sparse FedAvg; write everything into ``run_dir``."""
+    random.seed(cfg.run.seed)  # Flower samples nodes with the global `random`
+    core = SparseServer(cfg)
+    recorder = RunRecorder(run_dir, to_yaml(cfg))
+    partition_report(cfg.data, recorder.dir)
+    strategy = make_strategy(cfg, core)
+    cost = core.cost()
+    dense_bytes = record_bytes(to_record(core.state))  # one dense model, serialized
+    clock = {"t": time.time()}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = to_numpy(arrays)
+        t_eval = time.time()
+        metrics = core.evaluate(state)
+        metrics["eval_seconds"] = time.time() - t_eval
+        stats = strategy.stats.get(server_round, {})
+        now = time.time()
+        row = _round_row(server_round, metrics, cost, stats, now - clock["t"])
+        clock["t"] = now
+        recorder.log_round(row)
+        recorder.save_model(state, core.masks)  # checkpoint every round
+        print_round(row, cfg.fed.rounds)
+        return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
+
+    result = strategy.start(
+        grid=grid, initial_arrays=to_record(core.state), num_rounds=cfg.fed.rounds,
+        timeout=cfg.fed.round_timeout,
+        train_config=ConfigRecord({"fedprune-config": to_yaml(cfg)}),
+        evaluate_config=ConfigRecord({"fedprune-config": to_yaml(cfg)}),
+        evaluate_fn=evaluate_fn,
+    )
+    final = to_numpy(result.arrays) if result.arrays is not None else core.state
+    recorder.save_model(final, core.masks)
+    recorder.plot_accuracy()
+    summary = summarize(recorder.rows, cost, dense_bytes, core.layer_densities(), cfg)
+    recorder.write_summary(summary)
+    print_summary(summary, recorder.dir)
+    return summary
+
+
+def _round_row(server_round: int, metrics: dict, cost: dict, stats: dict, wall: float) -> dict:
+    clients = stats.get("clients", 0)
+    down = stats.get("bytes_down_per_client", 0) * clients
+    up = stats.get("bytes_up", 0)
+    accepted = max(clients - stats.get("failures", 0), 0)
+    return {
+        "round": server_round, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+        "density": cost["density"], "inference_flops": cost["flops_inference"],
+        "training_flops": cost["flops_training"],
+        "bytes_down_per_client": stats.get("bytes_down_per_client", 0),
+        "bytes_up_per_client": up / accepted if accepted else 0,
+        "bytes_down": down, "bytes_up": up, "bytes_total": down + up,
+        "clients": clients, "failures": stats.get("failures", 0),
+        "wall_seconds": wall, "eval_seconds": metrics["eval_seconds"],
+        "client_seconds": stats.get("client_seconds", 0.0),
+    }
