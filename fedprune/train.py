@@ -69,7 +69,7 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
                     p.mul_(m)
             steps += 1
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
         if cfg.max_steps and steps >= cfg.max_steps:

@@ -82,3 +82,11 @@ def test_cli_rejects_bad_key_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "data.alpah" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_wire_config_rejects_unknown_keys_and_bad_values():
+    text = to_yaml(load_config("default"))
+    with pytest.raises(ConfigError, match="data.alpah"):
+        from_yaml(text.replace("alpha:", "alpah:"))
+    with pytest.raises(ConfigError, match="mask.density"):
+        from_yaml(text.replace("density: 0.1", "density: 2.0"))
