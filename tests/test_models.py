@@ -1,0 +1,47 @@
+"""Model registry: every CNN builds for its input, has BN, and counts as expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedprune.config import ModelConfig
+from fedprune.masks import count_params, prunable_names
+from fedprune.models import build_model, register_model, registered_models
+
+CASES = {"resnet8": "cifar10", "resnet20": "cifar10", "resnet18": "cifar10",
+         "vgg11_bn": "cifar10", "convnet": "mnist"}
+
+
+def test_every_registered_model_is_covered():
+    assert set(registered_models()) == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_shape_and_batchnorm(name):
+    dataset = CASES[name]
+    model = build_model(ModelConfig(name=name, width=4, num_classes=7), dataset)
+    x = torch.randn(3, 1 if dataset == "mnist" else 3, 28 if dataset == "mnist" else 32,
+                    28 if dataset == "mnist" else 32)
+    assert model(x).shape == (3, 7)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # conv/linear weights only: no BN parameter and no bias is prunable
+    assert all(n.endswith("weight") for n in prunable_names(model))
+    assert not any("bn" in n for n in prunable_names(model))
+
+
+def test_resnet_depths_match_the_paper():
+    # He et al. 2016: 6n+2 layers with n blocks per stage; ResNet-20 -> n=3, ResNet-8 -> n=1
+    def convs(name):
+        return sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+                   for m in build_model(ModelConfig(name=name, width=16)).modules())
+    assert convs("resnet20") == 19 and convs("resnet8") == 7  # + the final linear layer
+    # the standard CIFAR ResNet-20 (option-B shortcuts) has ~0.27M parameters at width 16
+    params = count_params(build_model(ModelConfig(name="resnet20", width=16)))["total"]
+    assert 0.26e6 < params < 0.28e6
+
+
+def test_duplicate_model_name_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet8")(lambda cfg, c: nn.Linear(1, 1))
