@@ -1,0 +1,1 @@
+"""Pruner core for CNNs and LLMs: adapters, calibration, methods, selection, apply."""
