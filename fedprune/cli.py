@@ -49,6 +49,54 @@ def cmd_partition_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune.job import PruneJob, run_job
+
+    job = PruneJob(model=args.model, method=args.method, pattern=args.pattern or "",
+                   sparsity=_prune_sparsity(args), scope=args.scope or "", calib=args.calib,
+                   eval=args.eval, out=args.out, device=args.device, seed=args.seed,
+                   sequential=args.sequential, eval_dense=not args.skip_dense_eval,
+                   save_model=not args.no_save, method_options=list(args.opt or []),
+                   cnn_epochs=args.cnn_epochs)
+    try:
+        report = run_job(job)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedprune prune: {err}", file=sys.stderr)
+        return 2
+    _print_prune_summary(report)
+    return 0
+
+
+def _prune_sparsity(args: argparse.Namespace) -> float:
+    """--sparsity is implied by --pattern N:M; giving both with different values is an error."""
+    if not args.pattern:
+        return 0.5 if args.sparsity is None else args.sparsity
+    n, m = (int(v) for v in args.pattern.split(":")) if ":" in args.pattern else (0, 0)
+    if args.sparsity is not None and m and abs(args.sparsity - n / m) > 1e-9:
+        raise SystemExit(f"fedprune prune: --sparsity {args.sparsity} contradicts "
+                         f"--pattern {args.pattern} (= {n / m})")
+    return n / m if m else 0.5
+
+
+def _print_prune_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedprune prune: {report['job']['method']} on {report['job']['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("dense", "pruned", "pruned_bn_recalibrated"):
+        if key in report:
+            for metric in ("ppl", "accuracy"):
+                if metric in report[key]:
+                    table.add_row(f"{key} {metric}", f"{report[key][metric]:.4f}")
+    table.add_row("sparsity (prunable)", f"{report['sparsity']['overall']:.4f}")
+    prune_time = report["timings"].get("prune_total", 0.0)
+    table.add_row("pruning wall time", f"{prune_time:.1f} s")
+    table.add_row("peak RSS", f"{report['peak_rss_gb']:.2f} GB")
+    Console().print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     rep.add_argument("--out", default="runs/partition-report", help="output folder")
     rep.set_defaults(func=cmd_partition_report)
+    pr = sub.add_parser("prune", help="one-shot pruning of an LLM or a CNN (no Flower)")
+    pr.add_argument("--model", default="smollm2-135m",
+                    help="LLM: alias (smollm2-135m), HF folder or hub id; "
+                         "CNN: DATASET:MODEL[:WIDTH], e.g. cifar10:resnet8 (trained briefly first)")
+    pr.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | admm")
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="fraction of each prunable layer set to zero, in [0, 1) (default 0.5)")
+    pr.add_argument("--pattern", default="", help="N:M semi-structured, e.g. 2:4")
+    pr.add_argument("--scope", default="", help="layer | row | global (default: the method's)")
+    pr.add_argument("--calib", default="ptb:64x512",
+                    help="LM: SOURCE[:SPLIT]:NxL (ptb, wikitext2, shakespeare); CNN: DATASET:N")
+    pr.add_argument("--eval", default="wikitext2:64x512",
+                    help="LM: SOURCE[:SPLIT]:NxL perplexity; CNN: DATASET; '' to skip")
+    pr.add_argument("--out", default="runs/prune", help="output folder")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    pr.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    pr.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                    help="method option, e.g. --opt blocksize=64 (repeatable)")
+    pr.add_argument("--sequential", default="auto", choices=["auto", "yes", "no"],
+                    help="calibrate each block on the pruned model's outputs (yes) or on the "
+                         "dense model's (no); auto: yes for SparseGPT/ADMM, no for "
+                         "magnitude/Wanda (one forward pass)")
+    pr.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
+    pr.add_argument("--no-save", action="store_true", help="do not save the pruned model")
+    pr.add_argument("--cnn-epochs", type=int, default=3,
+                    help="CNN: epochs of the (cached) reference training")
+    pr.set_defaults(func=cmd_prune)
     return parser
 
 
