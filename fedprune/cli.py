@@ -57,7 +57,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    eval=args.eval, out=args.out, device=args.device, seed=args.seed,
                    sequential=args.sequential, eval_dense=not args.skip_dense_eval,
                    save_model=not args.no_save, method_options=list(args.opt or []),
-                   cnn_epochs=args.cnn_epochs)
+                   cnn_epochs=args.cnn_epochs, resume=args.resume)
     try:
         report = run_job(job)
     except (ValueError, FileNotFoundError) as err:
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "magnitude/Wanda (one forward pass)")
     pr.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
     pr.add_argument("--no-save", action="store_true", help="do not save the pruned model")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out: restore its finished blocks")
     pr.add_argument("--cnn-epochs", type=int, default=3,
                     help="CNN: epochs of the (cached) reference training")
     pr.set_defaults(func=cmd_prune)

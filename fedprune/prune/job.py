@@ -46,6 +46,7 @@ class PruneJob:
     save_model: bool = True
     method_options: list[str] = field(default_factory=list)  # key=value for the method config
     cnn_epochs: int = 3  # CNN reference training epochs (cached)
+    resume: bool = False  # restore blocks an interrupted run in ``out`` finished, prune the rest
 
     def target(self) -> SparsityTarget:
         if not 0.0 <= self.sparsity < 1.0:
@@ -148,9 +149,42 @@ class ReportWriter:
             tensors[f"{name}.weight"] = params[name].weight.detach().cpu().contiguous()
             self.report["layers"][name] = {"block": index, "sparsity": layer.sparsity,
                                            "zeros": layer.zeros, "numel": layer.numel}
-        save_file(tensors, str(self.out / "blocks" / f"block_{index:03d}.safetensors"))
+        path = self.out / "blocks" / f"block_{index:03d}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)  # never a half-written block file
         self.report["blocks_done"] = index + 1
         self.flush()
+
+
+# Settings that must match for --resume to reuse an interrupted run's blocks.
+RESUME_KEYS = ("model", "method", "sparsity", "pattern", "scope", "calib", "seed",
+               "sequential", "method_options", "cnn_epochs")
+
+
+def resume_source(out: Path, job: PruneJob):
+    """``block -> {name: (weight, mask)}`` from ``out/blocks``, after checking that the
+    interrupted run used the same settings (a mismatch names the keys)."""
+    from safetensors.torch import load_file
+
+    previous = out / "report.json"
+    if not previous.exists():
+        raise FileNotFoundError(f"--resume: {previous} not found (no earlier run in --out)")
+    old = json.loads(previous.read_text())["job"]
+    new = asdict(job)
+    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"--resume: the run in {out} used different settings for {diff}: "
+                         f"{ {k: old.get(k) for k in diff} }")
+
+    def saved(block):
+        path = out / "blocks" / f"block_{block.index:03d}.safetensors"
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        return {n: (tensors[f"{n}.weight"], tensors[f"{n}.mask"]) for n in names}
+
+    return saved
 
 
 def peak_memory() -> dict[str, float]:
@@ -166,6 +200,7 @@ def run_job(job: PruneJob, progress: bool = True) -> dict[str, Any]:
     target, method_cfg = validate(job)
     device = select_device(job.device)
     out = Path(job.out)
+    resume = resume_source(out, job) if job.resume else None
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"job": asdict(job), "method_config": asdict(method_cfg),
                               "status": "running", "timings": {}, "layers": {}}
@@ -183,7 +218,7 @@ def run_job(job: PruneJob, progress: bool = True) -> dict[str, Any]:
     report["sequential"] = is_sequential(job)
     result = prune_model(task.model, pruner, target, calib, device, report["sequential"],
                          on_block_done=lambda i, info: writer.block_done(task.model, i, info),
-                         progress=progress)
+                         progress=progress, resume=resume)
     report["timings"].update({f"prune_{k}": v for k, v in result.timings.items()})
     report["sparsity"] = _overall(result.sparsity, report["layers"])
     if job.eval:

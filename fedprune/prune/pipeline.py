@@ -51,6 +51,8 @@ from .base import LayerStats, Pruner, PruneResult, SparsityTarget
 from .calibrate import block_on, check_needs, collect_stats, propagate, stats_hooks
 
 StatsSource = Union[Mapping[str, LayerStats], Callable[[str], LayerStats]]
+# block -> {qualified name: (weight, mask)} saved by an earlier run, or None to prune it
+ResumeSource = Callable[["Block"], Union[Mapping[str, tuple[torch.Tensor, torch.Tensor]], None]]
 PHASES = ("capture", "calibrate", "prune", "select", "apply", "propagate")
 
 
@@ -196,6 +198,7 @@ class _Run:
     timer: _Timer
     on_block_done: Callable[[int, dict[str, LayerInfo]], None] | None
     progress: bool
+    resume: ResumeSource | None = None
 
     def bar(self, blocks: list[Block]) -> Any:
         return tqdm(blocks, desc=f"prune[{self.pruner.name}]", unit="block",
@@ -233,6 +236,13 @@ def _prune_blockwise(run: _Run, calib_inputs: Any, sequential: bool,
     for block in run.bar(blocks):
         modules = run.adapter.prunable(block)
         last = block.index == len(blocks) - 1
+        saved = run.resume(block) if run.resume is not None else None
+        if saved is not None:  # finished by an earlier run: restore, only propagate
+            with block_on(block, run.device):
+                inputs = _resume_block(run, block, modules, saved, inputs,
+                                       propagate_inputs=forward and not last,
+                                       sequential=sequential)
+            continue
         with block_on(block, run.device):
             stats, dense_next = {}, None
             if forward:
@@ -250,6 +260,36 @@ def _prune_blockwise(run: _Run, calib_inputs: Any, sequential: bool,
             elif forward and not last:
                 inputs = dense_next
         run.record(block, info)
+
+
+@torch.no_grad()
+def _resume_block(run: _Run, block: Block, modules: dict[str, nn.Module],
+                  saved: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                  inputs: list[BlockInput] | None, propagate_inputs: bool, sequential: bool
+                  ) -> list[BlockInput] | None:
+    """Write a finished block's saved weights back; hand the next block the inputs it had.
+
+    ``saved[name] = (weight, mask)`` in the module weight's layout. Non-sequential runs
+    calibrate every block on dense outputs, so those are computed before the restore.
+    """
+    missing = sorted(set(modules) - set(saved))
+    if missing:
+        raise ValueError(f"resume: block {block.index} has no saved weights for {missing[:3]}")
+    if propagate_inputs and not sequential:
+        inputs = propagate(run.adapter, block, inputs)  # dense outputs
+    info = {}
+    for name, module in modules.items():
+        weight, mask = saved[name]
+        if weight.shape != module.weight.shape or mask.shape != module.weight.shape:
+            raise ValueError(f"resume: saved {name!r} is {tuple(weight.shape)}, the model's "
+                             f"weight is {tuple(module.weight.shape)}")
+        module.weight.copy_(weight.to(module.weight))
+        mask = mask.bool().cpu()
+        info[name] = LayerInfo(name, block.index, mask, int((~mask).sum()), mask.numel())
+    if propagate_inputs and sequential:
+        inputs = propagate(run.adapter, block, inputs)  # with the restored pruned weights
+    run.record(block, info)
+    return inputs
 
 
 def _global_scores(run: _Run, blocks: list[Block], stats: StatsSource | None
@@ -295,14 +335,16 @@ def prune_model(model: nn.Module, pruner: Pruner, target: SparsityTarget,
                 calib_inputs: Any = None, device: torch.device | str = "cpu",
                 sequential: bool = True,
                 on_block_done: Callable[[int, dict[str, LayerInfo]], None] | None = None,
-                progress: bool = True, stats_override: StatsSource | None = None
-                ) -> PruneReport:
+                progress: bool = True, stats_override: StatsSource | None = None,
+                resume: ResumeSource | None = None) -> PruneReport:
     """Prune ``model`` in place with ``pruner`` at ``target``; see the module docstring.
 
     ``calib_inputs``: a batch or a sequence of batches (CNN: input tensors; HF: ``input_ids``
     tensors or mappings of model kwargs), needed unless the method needs no statistics or
     ``stats_override`` gives them. ``on_block_done(block_index, {name: LayerInfo})`` is
-    called as each block is finished. The model is in eval mode while pruning.
+    called as each block is finished. ``resume(block)`` may return the weights and masks an
+    earlier, interrupted run saved for that block: it is restored instead of pruned (and
+    ``on_block_done`` is called for it again). The model is in eval mode while pruning.
     """
     adapter = adapter_for(model)
     layers = [adapter.prunable(b) for b in adapter.blocks(model)]
@@ -312,8 +354,11 @@ def prune_model(model: nn.Module, pruner: Pruner, target: SparsityTarget,
         raise ValueError(f"method {pruner.name!r} needs {sorted(pruner.needs)} statistics: "
                          "pass calib_inputs or stats_override")
     report = PruneReport(pruner.name, target, sequential)
+    if resume is not None and target.scope == "global":
+        raise ValueError("resume works block by block; scope 'global' selects over all "
+                         "layers at once and cannot be resumed")
     run = _Run(model, adapter, pruner, target, device, report, _Timer(device), on_block_done,
-               progress)
+               progress, resume)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
