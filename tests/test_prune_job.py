@@ -89,6 +89,7 @@ def test_report_and_blocks_survive_a_crash(tmp_path, monkeypatch):
     ({"method_options": ["nosuch=1"]}, "nosuch"),
     ({"sequential": "maybe"}, "--sequential"),
     ({"model": "cifar10:resnet50"}, "resnet50"),
+    ({"method": "wanda", "scope": "layer"}, "--opt scope"),
 ])
 def test_bad_settings_fail_before_any_work(changes, needle):
     with pytest.raises((ValueError, FileNotFoundError)) as err:

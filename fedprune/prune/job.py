@@ -91,6 +91,9 @@ def validate(job: PruneJob) -> tuple[SparsityTarget, Any]:
     if job.scope and not job.pattern and job.scope not in ("layer", "row", "global"):
         raise ValueError(f"--scope {job.scope!r}; choose one of ['layer', 'row', 'global']")
     cfg = method_config(job.method, job.method_options)
+    if job.scope and hasattr(cfg, "scope"):  # e.g. Wanda: its comparison group is its own
+        raise ValueError(f"--scope does not apply to method {job.method!r}; set its comparison "
+                         f"group with --opt scope=... (now {cfg.scope!r})")
     is_sequential(job)
     if job.is_cnn():
         _parse_cnn_model(job.model)
