@@ -69,18 +69,21 @@ class SparseFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, {"failures": 0, "bytes_up": 0,
                                                      "client_seconds": 0.0})
-        states, weights, losses = [], [], []
+        accepted = []
         for msg in replies:
-            accepted = self._accept(msg)
-            if accepted is None:
+            reply = self._accept(msg)
+            if reply is None:
                 stats["failures"] += 1
                 continue
-            state, n, metrics, nbytes = accepted
-            states.append(state)
-            weights.append(n)
-            losses.append(float(metrics.get("train_loss", 0.0)))
-            stats["bytes_up"] += nbytes
-            stats["client_seconds"] += float(metrics.get("compute_seconds", 0.0))
+            accepted.append(reply)
+            stats["bytes_up"] += reply[3]
+            stats["client_seconds"] += float(reply[2].get("compute_seconds", 0.0))
+        # Replies arrive in whatever order the clients finish; summing in partition order
+        # keeps the aggregate independent of arrival order.
+        accepted.sort(key=lambda r: (r[2].get("partition-id", -1), r[4]))
+        states = [r[0] for r in accepted]
+        weights = [r[1] for r in accepted]
+        losses = [float(r[2].get("train_loss", 0.0)) for r in accepted]
         log(INFO, "aggregate_train: %d accepted, %d rejected", len(states), stats["failures"])
         if not states:
             return None, None
@@ -107,4 +110,4 @@ class SparseFedAvg(FedAvg):
         except (KeyError, ValueError, TypeError) as err:  # WireError is a ValueError
             log(WARNING, "rejected reply from node %s: %s", node, err)
             return None
-        return state, n, dict(metrics), record_bytes(record)
+        return state, n, dict(metrics), record_bytes(record), node
