@@ -13,7 +13,6 @@ differ a lot at high sparsity and users of CNN pruning expect both.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -87,7 +86,7 @@ def recalibrate_bn_(model: nn.Module, images: torch.Tensor, batch_size: int = 25
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    saved = [(m.momentum, m.training) for m in bns]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
@@ -95,14 +94,5 @@ def recalibrate_bn_(model: nn.Module, images: torch.Tensor, batch_size: int = 25
     for start in range(0, len(images), batch_size):
         model(images[start:start + batch_size].to(device))
     model.eval()
-    for m, (momentum, _) in zip(bns, saved):
+    for m, momentum in zip(bns, momenta):
         m.momentum = momentum
-
-
-def state_fingerprint(model: nn.Module) -> str:
-    """Short hash of the weights (to tell reports of different reference models apart)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
