@@ -1,0 +1,130 @@
+"""Progressive pruning (FedTiny, Huang et al. 2023, Sec. IV-B), Flower-free pieces.
+
+Every ``delta_r`` rounds until ``r_end`` one layer is adjusted. Clients keep, during local
+training, only the top-K gradients (by magnitude) at that layer's *pruned* positions in a
+bounded buffer: never a dense per-layer gradient beyond the one backpropagation itself
+produces. The server sums the clients' sparse top-K (weighted by examples), grows the K
+positions with the largest aggregated gradient and prunes the K smallest-magnitude active
+weights of that layer, so the density is unchanged. Grown weights start at zero (RigL).
+
+``K = alpha_t * active``, ``alpha_t = alpha / 2 * (1 + cos(pi * t / r_end))`` (the cosine
+decay of RigL, Evci et al. 2020, which FedTiny adopts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Schedule:
+    """When and how much to adjust: every ``delta_r`` rounds up to ``r_end``."""
+
+    rounds: int
+    delta_r: int = 5
+    r_end: int = 0  # 0 = three quarters of the rounds
+    alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.delta_r <= 0:
+            raise ValueError(f"fedtiny.delta_r={self.delta_r} must be > 0")
+        if self.r_end == 0:
+            self.r_end = max(1, (3 * self.rounds) // 4)
+        if not 0 < self.r_end <= self.rounds:
+            raise ValueError(f"fedtiny.r_end={self.r_end} must be in [1, fed.rounds={self.rounds}]")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"fedtiny.alpha={self.alpha} must be in (0, 1]")
+
+    def adjusts(self, server_round: int) -> bool:
+        return server_round < self.r_end and server_round % self.delta_r == 0
+
+    def fraction(self, server_round: int) -> float:
+        return self.alpha / 2 * (1 + math.cos(math.pi * server_round / self.r_end))
+
+    def k(self, server_round: int, active: int, pruned: int) -> int:
+        """How many weights move in this round's adjustment (bounded by what can move)."""
+        k = int(self.fraction(server_round) * active)
+        return max(0, min(k, active, pruned))
+
+
+class TopKBuffer:
+    """The K pruned positions with the largest accumulated gradient, and nothing more.
+
+    ``add_`` takes one step's gradient of the layer (the tensor backpropagation made) and
+    the layer's mask; it reads the gradient in place and keeps at most K (index, value)
+    pairs: memory O(K), no dense accumulator.
+    """
+
+    def __init__(self, k: int, numel: int) -> None:
+        if not 0 <= k <= numel:
+            raise ValueError(f"K={k} must be in [0, {numel}] (the layer's size)")
+        self.k, self.numel = k, numel
+        self.index = torch.empty(0, dtype=torch.long)
+        self.value = torch.empty(0)
+
+    @torch.no_grad()
+    def add_(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
+        """Merge this step's top-K pruned-position gradients into the buffer.
+
+        The gradient is modified in place (kept positions zeroed): call after the
+        optimizer step, when it is no longer needed.
+        """
+        if self.k == 0:
+            return
+        flat = grad.view(-1)  # (numel,) a view: no copy
+        flat.masked_fill_(mask.view(-1), 0)  # in place: only pruned positions compete
+        top = torch.topk(flat, self.k).indices  # largest positive (k,)
+        bottom = torch.topk(flat, self.k, largest=False).indices  # most negative (k,)
+        idx = torch.cat([self.index, top, bottom])
+        val = torch.cat([self.value, flat[top], flat[bottom]])
+        self._keep_top_(idx, val)
+
+    def _keep_top_(self, idx: torch.Tensor, val: torch.Tensor) -> None:
+        uniq, inverse = torch.unique(idx, return_inverse=True)  # (u,), at most 3K
+        summed = torch.zeros(len(uniq), dtype=val.dtype).index_add_(0, inverse, val)
+        # (a position met again this step is counted once per step: top and bottom differ)
+        order = torch.topk(summed.abs(), min(self.k, len(uniq))).indices
+        keep = order[summed[order] != 0]
+        self.index, self.value = uniq[keep], summed[keep]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def aggregate_topk(replies: list[tuple[torch.Tensor, torch.Tensor, int]], numel: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example-weighted sum of clients' sparse (index, value) gradients."""
+    idx, val = [], []
+    total = sum(n for _, _, n in replies)
+    if total <= 0:
+        raise ValueError("aggregate_topk needs replies with a positive example count")
+    for index, value, n in replies:
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= numel):
+            raise ValueError(f"top-K index out of range [0, {numel})")
+        idx.append(index.long())
+        val.append(value.double() * (n / total))
+    uniq, inverse = torch.unique(torch.cat(idx), return_inverse=True)
+    return uniq, torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.cat(val))
+
+
+@torch.no_grad()
+def prune_and_grow(weight: torch.Tensor, mask: torch.Tensor, grad_index: torch.Tensor,
+                   grad_value: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow the K pruned positions with the largest |aggregated gradient|, prune the K
+    smallest-|w| active weights (not the ones just grown). Returns (weight, mask), same
+    number of kept weights as before; grown weights are zero."""
+    flat_w, flat_m = weight.reshape(-1).clone(), mask.reshape(-1).clone()
+    pruned = ~flat_m[grad_index]
+    cand_idx, cand_val = grad_index[pruned], grad_value[pruned].abs()
+    k = min(k, len(cand_idx), int(flat_m.sum()))
+    grow = cand_idx[torch.topk(cand_val, k).indices] if k else cand_idx[:0]
+    score = flat_w.abs().masked_fill(~flat_m, float("inf"))  # only active weights compete
+    drop = torch.topk(score, k, largest=False).indices
+    flat_m[drop] = False
+    flat_w[drop] = 0
+    flat_m[grow] = True
+    flat_w[grow] = 0
+    return flat_w.view_as(weight), flat_m.view_as(mask)

@@ -1,0 +1,77 @@
+"""Progressive pruning pieces: schedule, bounded top-K buffer, sparse aggregation, prune-and-grow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedprune.fedtiny.progressive import (Schedule, TopKBuffer, aggregate_topk,
+                                          prune_and_grow)
+
+
+def test_schedule_golden_and_bad_input():
+    s = Schedule(rounds=40, delta_r=5, r_end=20, alpha=0.4)
+    assert [r for r in range(41) if s.adjusts(r)] == [0, 5, 10, 15]
+    assert s.fraction(0) == pytest.approx(0.4) and s.fraction(10) == pytest.approx(0.2)
+    assert s.k(10, active=1000, pruned=9000) == 200
+    assert s.k(0, active=1000, pruned=50) == 50  # never more than can grow
+    with pytest.raises(ValueError, match="delta_r"):
+        Schedule(rounds=10, delta_r=0)
+    with pytest.raises(ValueError, match="r_end"):
+        Schedule(rounds=10, r_end=11)
+
+
+def test_topk_buffer_keeps_the_largest_pruned_gradients_and_never_exceeds_k():
+    torch.manual_seed(0)
+    mask = torch.ones(20, 30, dtype=torch.bool)
+    mask.view(-1)[::3] = False  # every third position pruned
+    planted = [0, 3, 597]  # pruned positions with consistently large gradients
+    buf = TopKBuffer(k=3, numel=mask.numel())
+    for _ in range(25):
+        grad = torch.randn(20, 30) * 0.1
+        grad.view(-1)[1] = 100.0  # a KEPT position: must never enter the buffer
+        grad.view(-1)[planted] = torch.tensor([5.0, -6.0, 4.0])
+        buf.add_(grad, mask)
+        assert len(buf) <= 3
+    assert sorted(buf.index.tolist()) == planted
+    torch.testing.assert_close(buf.value[buf.index.argsort()],
+                               torch.tensor([125.0, -150.0, 100.0]), rtol=0, atol=5.0)
+
+
+def test_topk_buffer_allocates_nothing_of_the_layer_size():
+    from torch.profiler import ProfilerActivity, profile
+
+    mask = torch.rand(1000, 1000) < 0.1
+    grad = torch.randn(1000, 1000)
+    buf = TopKBuffer(k=100, numel=grad.numel())
+    buf.add_(grad.clone(), mask)  # warm-up
+    step_grad = grad.clone()  # what backpropagation hands over
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        buf.add_(step_grad, mask)
+    dense = grad.numel() * grad.element_size()
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert biggest < dense / 100, biggest  # only O(K) temporaries beside backprop's gradient
+
+
+def test_aggregate_topk_weighted_sum_and_range_check():
+    idx, val = aggregate_topk([(torch.tensor([1, 4]), torch.tensor([2.0, 4.0]), 1),
+                               (torch.tensor([4, 6]), torch.tensor([8.0, 1.0]), 3)], numel=10)
+    assert idx.tolist() == [1, 4, 6]
+    torch.testing.assert_close(val, torch.tensor([0.5, 7.0, 0.75], dtype=torch.float64))
+    with pytest.raises(ValueError, match="out of range"):
+        aggregate_topk([(torch.tensor([10]), torch.tensor([1.0]), 1)], numel=10)
+
+
+def test_prune_and_grow_keeps_density_and_moves_the_planted_weights():
+    weight = torch.tensor([[0.9, 0.0, 0.05, 0.0], [0.0, 0.7, 0.0, -0.02]])
+    mask = weight != 0  # 4 active
+    grad_index = torch.tensor([1, 3, 4, 6, 0])  # 0 is active: ignored for growth
+    grad_value = torch.tensor([0.1, -3.0, 2.0, 0.5, 9.0])
+    new_w, new_m = prune_and_grow(weight, mask, grad_index, grad_value, k=2)
+    assert int(new_m.sum()) == int(mask.sum())  # density exact
+    # grown: flat 3 and 4 (largest |g| among pruned); pruned: -0.02 (7) and 0.05 (2)
+    assert new_m.view(-1).tolist() == [True, False, False, True, True, True, False, False]
+    assert new_w.view(-1)[[3, 4]].tolist() == [0.0, 0.0]  # grown weights start at zero
+    assert new_w.view(-1)[[0, 5]].tolist() == pytest.approx([0.9, 0.7])
