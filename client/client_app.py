@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedprune.config import from_yaml
+from fedprune.fedtiny.bn_selection import client_bn_stats, client_candidate_losses
 from fedprune.fl.client_core import check_partition, client_evaluate, client_train
 
 app = ClientApp()
@@ -41,3 +42,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = client_evaluate(cfg, pid, payload)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
+
+
+@app.query("bn_stats")
+def bn_stats(msg: Message, context: Context) -> Message:
+    """Adaptive BN selection, round A: BN input statistics of every candidate."""
+    cfg, pid, payload, _ = _unpack(msg, context)
+    arrays = ArrayRecord({k: Array(v) for k, v in client_bn_stats(cfg, pid, payload).items()})
+    return Message(content=RecordDict({"arrays": arrays,
+                                       "metrics": MetricRecord({"partition-id": pid})}),
+                   reply_to=msg)
+
+
+@app.query("candidate_loss")
+def candidate_loss(msg: Message, context: Context) -> Message:
+    """Adaptive BN selection, round B: local loss of every candidate with pooled BN."""
+    cfg, pid, payload, _ = _unpack(msg, context)
+    losses, n = client_candidate_losses(cfg, pid, payload)
+    metrics = MetricRecord({"losses": losses, "num-examples": n, "partition-id": pid})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

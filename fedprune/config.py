@@ -143,6 +143,18 @@ class FedConfig:
                self.min_train_clients)
 
 
+@dataclass
+class FedTinyConfig:
+    # Adaptive BN selection among this many candidate masks before training (0 = off:
+    # the mask comes from mask.init). FedTiny, Huang et al. 2023, Sec. IV-A.
+    candidates: int = 0
+    spread: float = 2.0  # perturbed candidates scale ERK layer densities within [1/s, s]
+
+    def __post_init__(self) -> None:
+        _check("fedtiny.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
+        _check("fedtiny.spread", self.spread >= 1.0, "must be >= 1", self.spread)
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -178,6 +190,7 @@ class ExperimentConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fedtiny: FedTinyConfig = field(default_factory=FedTinyConfig)
 
     def __post_init__(self) -> None:
         if self.fed.min_train_clients > self.data.num_clients:
@@ -195,7 +208,7 @@ class ExperimentConfig:
 # Field type names (annotations are strings under `from __future__ import annotations`)
 _NESTED = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "MaskConfig": MaskConfig,
            "TrainConfig": TrainConfig, "FedConfig": FedConfig, "SimConfig": SimConfig,
-           "RunConfig": RunConfig}
+           "RunConfig": RunConfig, "FedTinyConfig": FedTinyConfig}
 
 # ----------------------------------------------------------------------------- loading
 

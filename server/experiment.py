@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from fedprune.fl.recorder import RunRecorder
 from fedprune.fl.server_core import SparseServer
 from fedprune.fl.summary import print_round, print_summary, summarize
 
+from .fedtiny import adaptive_bn_selection
 from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
 
 
@@ -37,6 +39,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     core = SparseServer(cfg)
     recorder = RunRecorder(run_dir, to_yaml(cfg))
     partition_report(cfg.data, recorder.dir)
+    selection = None
+    if cfg.fedtiny.candidates:  # FedTiny coarse pruning: replaces the mask.init mask
+        selection = adaptive_bn_selection(grid, cfg, core)
+        (recorder.dir / "bn_selection.json").write_text(json.dumps(selection, indent=2))
     strategy = make_strategy(cfg, core)
     cost = core.cost()
     dense_bytes = record_bytes(to_record(core.state))  # one dense model, serialized
@@ -67,6 +73,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     recorder.save_model(final, core.masks)
     recorder.plot_accuracy()
     summary = summarize(recorder.rows, cost, dense_bytes, core.layer_densities(), cfg)
+    if selection is not None:
+        summary["bn_selection"] = selection
     recorder.write_summary(summary)
     print_summary(summary, recorder.dir)
     return summary

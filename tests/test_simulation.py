@@ -44,3 +44,27 @@ def test_three_clients_two_rounds_end_to_end(tmp_path, data_root):
         assert np.count_nonzero(weights[name][mask]) > 0.99 * mask.sum()
         kept, total = kept + mask.sum(), total + mask.size
     assert kept == round(0.2 * total)
+
+
+@pytest.mark.slow
+def test_adaptive_bn_selection_before_training(tmp_path, data_root):
+    """FedTiny coarse pruning as two real query rounds, then training at the target density."""
+    from safetensors.numpy import load_file
+
+    from server.simulate import simulate
+
+    cfg = load_config("default", [
+        "data.num_clients=3", "data.train_subset=900", "data.test_subset=300",
+        "model.width=4", "mask.density=0.1", "fed.rounds=1", "train.max_steps=2",
+        "fedtiny.candidates=4", f"run.out_dir={tmp_path}", "run.name=bn",
+    ])
+    summary = simulate(cfg, tmp_path / "bn")
+    sel = json.loads((tmp_path / "bn" / "bn_selection.json").read_text())
+    assert sel["candidates"][:3] == ["uniform", "erk", "global_magnitude"]
+    assert sel["clients_stats"] == 3 and sel["clients_losses"] == 3
+    assert sel["chosen"] == sel["candidates"][int(np.argmin(sel["weighted_losses"]))]
+    assert sel["bytes_down"] > 0 and sel["bytes_up"] > 0
+    assert summary["bn_selection"]["chosen"] == sel["chosen"]
+    masks = load_file(str(tmp_path / "bn" / "mask.safetensors"))
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == round(0.1 * sum(m.size for m in masks.values()))

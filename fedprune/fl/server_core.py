@@ -44,6 +44,7 @@ class SparseServer:
         seed_everything(cfg.run.seed)
         self.device = select_device(cfg.run.device)
         self.model = build_model(cfg.model, cfg.data.dataset)
+        self.initial_state = model_state(self.model)  # dense: candidates start from it
         masks = init_masks(self.model, cfg.mask.density, cfg.mask.init, seed=cfg.mask.seed,
                            exclude=cfg.mask.exclude)
         apply_masks_(self.model, masks)
@@ -52,6 +53,14 @@ class SparseServer:
         self.state = model_state(self.model)
         self.template = wire.template_of(self.state)
         self._test = None
+
+    def set_masks(self, masks: dict[str, torch.Tensor], state: dict[str, np.ndarray]) -> None:
+        """Replace the global mask and weights (e.g. after adaptive BN selection)."""
+        self.masks_t = {k: v.cpu().bool() for k, v in masks.items()}
+        self.masks = {k: v.numpy() for k, v in self.masks_t.items()}
+        load_state_(self.model, state)
+        apply_masks_(self.model, self.masks_t)
+        self.state = model_state(self.model)
 
     # ------------------------------------------------------------------ wire
     def encode_down(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,112 @@
+"""Adaptive BN selection, both sides, Flower-free (FedTiny, Huang et al. 2023, Sec. IV-A).
+
+Round A: each client runs every candidate in train mode over its local data and returns,
+per candidate and BN layer, the exact input statistics with their count (nothing else).
+The server pools them (``bn_stats.pool_bn_stats``) into each candidate's BN buffers.
+Round B: each client evaluates every candidate, with its pooled BN, on its local data and
+returns the mean loss and its example count; the server keeps the candidate with the
+lowest example-weighted loss (``candidates.select_candidate``).
+
+Payload keys: ``"<k>/<wire key>"`` for candidate k's model (``masks.wire.encode_down``);
+statistics ``"<k>/<bn>/mean|var|count"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig
+from ..data import client_split, make_loader
+from ..masks import wire
+from ..models import build_model
+from ..train import evaluate, select_device
+from .bn_stats import BNStats, apply_bn_stats_, collect_bn_stats, pool_bn_stats
+
+STAT_FIELDS = ("mean", "var", "count")
+
+
+def pack_candidates(states: list[dict[str, np.ndarray]], masks: list[dict[str, np.ndarray]]
+                    ) -> dict[str, np.ndarray]:
+    """All candidates' down payloads in one flat dict (packed masks + kept values)."""
+    out = {}
+    for k, (state, mask) in enumerate(zip(states, masks)):
+        out.update({f"{k}/{key}": v for key, v in wire.encode_down(state, mask).items()})
+    return out
+
+
+def _unpack_candidates(cfg: ExperimentConfig, payload: dict[str, np.ndarray]
+                       ) -> list[torch.nn.Module]:
+    groups: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in payload.items():
+        k, rest = key.split("/", 1)
+        groups.setdefault(int(k), {})[rest] = value
+    models = []
+    for k in sorted(groups):
+        model = build_model(cfg.model, cfg.data.dataset)
+        template = wire.template_of({n: t.numpy() for n, t in model.state_dict().items()})
+        state, _ = wire.decode_down(groups[k], template, client="server")
+        model.load_state_dict({n: torch.from_numpy(v) for n, v in state.items()})
+        models.append(model)
+    return models
+
+
+def _local_batches(cfg: ExperimentConfig, partition_id: int):
+    data = client_split(cfg.data, partition_id)
+    return data, make_loader(data, cfg.data.dataset, cfg.train.eval_batch_size, shuffle=False)
+
+
+def client_bn_stats(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Round A on a client: exact BN input statistics of every candidate on local data."""
+    _, batches = _local_batches(cfg, partition_id)
+    device = select_device(cfg.run.device)
+    out = {}
+    for k, model in enumerate(_unpack_candidates(cfg, payload)):
+        for name, s in collect_bn_stats(model, batches, device, train_mode=True).items():
+            out[f"{k}/{name}/mean"] = s.mean
+            out[f"{k}/{name}/var"] = s.var
+            out[f"{k}/{name}/count"] = np.array(s.count, dtype=np.int64)
+    return out
+
+
+def client_candidate_losses(cfg: ExperimentConfig, partition_id: int,
+                            payload: dict[str, np.ndarray]) -> tuple[list[float], int]:
+    """Round B on a client: mean loss of every candidate (with pooled BN) on local data."""
+    data, batches = _local_batches(cfg, partition_id)
+    device = select_device(cfg.run.device)
+    return ([evaluate(m, batches, device)["loss"] for m in _unpack_candidates(cfg, payload)],
+            len(data))
+
+
+def parse_bn_reply(payload: dict[str, np.ndarray], expected: dict[str, int], count: int,
+                   client: str) -> list[dict[str, BNStats]]:
+    """Strictly decode one client's Round A reply: ``expected`` = BN layer -> channels."""
+    want = {f"{k}/{n}/{f}" for k in range(count) for n in expected for f in STAT_FIELDS}
+    if set(payload) != want:
+        extra, missing = sorted(set(payload) - want), sorted(want - set(payload))
+        raise ValueError(f"{client}: BN statistics reply has unknown {extra[:3]} / "
+                         f"missing {missing[:3]} entries")
+    out = []
+    for k in range(count):
+        stats = {}
+        for name, channels in expected.items():
+            mean, var = payload[f"{k}/{name}/mean"], payload[f"{k}/{name}/var"]
+            if mean.shape != (channels,) or var.shape != (channels,):
+                raise ValueError(f"{client}: BN layer {name!r} statistics of shape "
+                                 f"{mean.shape}/{var.shape}, expected ({channels},)")
+            n = int(payload[f"{k}/{name}/count"])
+            if n <= 0 or not np.all(np.isfinite(mean)) or np.any(var < 0):
+                raise ValueError(f"{client}: BN layer {name!r} has invalid statistics")
+            stats[name] = BNStats(n, mean.astype(np.float64), var.astype(np.float64))
+        out.append(stats)
+    return out
+
+
+def with_pooled_bn(cfg: ExperimentConfig, state: dict[str, np.ndarray],
+                   per_client: list[dict[str, BNStats]]) -> dict[str, np.ndarray]:
+    """``state`` with its BN running buffers replaced by the clients' pooled statistics."""
+    model = build_model(cfg.model, cfg.data.dataset)
+    model.load_state_dict({n: torch.from_numpy(np.asarray(v)) for n, v in state.items()})
+    apply_bn_stats_(model, pool_bn_stats(per_client))
+    return {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
