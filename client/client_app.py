@@ -30,9 +30,15 @@ def _unpack(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, payload, server_round = _unpack(msg, context)
-    reply, metrics = client_train(cfg, pid, payload, server_round)
+    conf = msg.content["config"]
+    layer = str(conf.get("fedtiny-layer", ""))
+    adjust = (layer, int(conf["fedtiny-k"])) if layer else None
+    reply, metrics = client_train(cfg, pid, payload, server_round, adjust)
+    topk = metrics.pop("topk", None)
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in reply.items()}),
                           "metrics": MetricRecord({**metrics, "partition-id": pid})})
+    if topk is not None:  # FedTiny: sparse top-K gradients of the scheduled layer
+        content["fedtiny"] = ArrayRecord({k: Array(v) for k, v in topk.items()})
     return Message(content=content, reply_to=msg)
 
 

@@ -149,10 +149,18 @@ class FedTinyConfig:
     # the mask comes from mask.init). FedTiny, Huang et al. 2023, Sec. IV-A.
     candidates: int = 0
     spread: float = 2.0  # perturbed candidates scale ERK layer densities within [1/s, s]
+    # Progressive pruning (Sec. IV-B): every delta_r rounds before r_end, one layer moves
+    # K = alpha_t * active weights (top-K gradient growth, smallest-magnitude pruning).
+    delta_r: int = 0  # 0 = off
+    r_end: int = 0  # 0 = three quarters of fed.rounds
+    alpha: float = 0.3
 
     def __post_init__(self) -> None:
         _check("fedtiny.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
         _check("fedtiny.spread", self.spread >= 1.0, "must be >= 1", self.spread)
+        _check("fedtiny.delta_r", self.delta_r >= 0, "must be >= 0 (0 = off)", self.delta_r)
+        _check("fedtiny.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
+        _check("fedtiny.alpha", 0 < self.alpha <= 1, "must be in (0, 1]", self.alpha)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -198,6 +206,9 @@ class ExperimentConfig:
                 f"fed.min_train_clients={self.fed.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
+        if self.fedtiny.r_end > self.fed.rounds:
+            raise ConfigError(f"fedtiny.r_end={self.fedtiny.r_end} is beyond "
+                              f"fed.rounds={self.fed.rounds}")
         if self.data.dataset == "mnist" and self.model.name != "convnet":
             raise ConfigError(
                 f"model.name={self.model.name!r} expects 3-channel 32x32 input; "

@@ -8,7 +8,7 @@ momentum never accumulates at pruned positions) and weights are re-masked after 
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,12 @@ def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor] | None
 
 def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
                 masks: dict[str, torch.Tensor] | None = None,
-                device: torch.device | str = "cpu") -> dict[str, float]:
-    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD."""
+                device: torch.device | str = "cpu",
+                on_backward: Callable[[], None] | None = None) -> dict[str, float]:
+    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD.
+
+    ``on_backward`` runs after each backward pass, before gradients are masked (FedTiny
+    reads the pruned positions' gradients there)."""
     device = torch.device(device)
     model.to(device).train()
     masked = _masked_params(model, masks)
@@ -59,6 +63,8 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if on_backward is not None:
+                on_backward()
             with torch.no_grad():
                 for p, m in masked:
                     if p.grad is not None:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedprune.config import ExperimentConfig, to_yaml
 from fedprune.data import partition_report
+from fedprune.fedtiny.progressive import Schedule
 from fedprune.fl.recorder import RunRecorder
 from fedprune.fl.server_core import SparseServer
 from fedprune.fl.summary import print_round, print_summary, summarize
@@ -22,8 +23,12 @@ from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
 
 def make_strategy(cfg: ExperimentConfig, core: SparseServer) -> SparseFedAvg:
     n = cfg.data.num_clients
+    schedule = None
+    if cfg.fedtiny.delta_r:
+        schedule = Schedule(cfg.fed.rounds, cfg.fedtiny.delta_r, cfg.fedtiny.r_end,
+                            cfg.fedtiny.alpha)
     return SparseFedAvg(
-        core,
+        core, schedule,
         fraction_train=cfg.fed.fraction_train,
         fraction_evaluate=cfg.fed.fraction_evaluate,
         min_train_nodes=min(cfg.fed.min_train_clients, n),
@@ -97,4 +102,6 @@ def _round_row(server_round: int, metrics: dict, cost: dict, stats: dict, wall: 
         "client_seconds": stats.get("client_seconds", 0.0),
         # federated evaluation on the clients' own data (fed.fraction_evaluate > 0)
         "fed_accuracy": stats.get("fed_accuracy"), "fed_loss": stats.get("fed_loss"),
+        # FedTiny progressive pruning: the layer whose mask moved this round, and by how much
+        "adjusted_layer": stats.get("adjusted_layer", ""), "adjusted_k": stats.get("adjusted_k", 0),
     }

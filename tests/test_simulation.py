@@ -68,3 +68,39 @@ def test_adaptive_bn_selection_before_training(tmp_path, data_root):
     masks = load_file(str(tmp_path / "bn" / "mask.safetensors"))
     kept = sum(int(m.sum()) for m in masks.values())
     assert kept == round(0.1 * sum(m.size for m in masks.values()))
+
+
+@pytest.mark.slow
+def test_fedtiny_progressive_pruning_end_to_end(tmp_path, data_root):
+    """BN selection, then two scheduled layers move by top-K growth; density stays exact."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from fedprune.fedtiny.candidates import build_candidates
+    from fedprune.fl.server_core import SparseServer, load_state_
+    from fedprune.models import build_model
+    from server.simulate import simulate
+
+    overrides = ["data.num_clients=3", "data.train_subset=900", "data.test_subset=300",
+                 "model.width=4", "mask.density=0.1", "fed.rounds=3", "train.max_steps=3",
+                 "fedtiny.candidates=3", "fedtiny.delta_r=1", "fedtiny.r_end=3",
+                 "fedtiny.alpha=0.3", f"run.out_dir={tmp_path}", "run.name=ft"]
+    cfg = load_config("default", overrides)
+    simulate(cfg, tmp_path / "ft")
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    moved = [r["adjusted_layer"] for r in rows[1:]]
+    assert moved[0] and moved[1] and moved[2] == ""  # rounds 1 and 2 adjust, 3 >= r_end
+    assert moved[0] != moved[1] and all(r["adjusted_k"] >= 0 for r in rows)
+    chosen = json.loads((tmp_path / "ft" / "bn_selection.json").read_text())["chosen"]
+    dense = build_model(cfg.model, cfg.data.dataset)
+    load_state_(dense, SparseServer(cfg).initial_state)
+    start = dict(build_candidates(dense, 0.1, 3, cfg.mask.seed))[chosen]
+    final = load_file(str(tmp_path / "ft" / "mask.safetensors"))
+    for name, mask in final.items():
+        before = start[name].numpy()
+        assert int(mask.sum()) == int(before.sum()), name  # per-layer count unchanged
+        changed = bool((mask.astype(bool) != before).any())
+        assert changed == (name in moved[:2]), name  # only the scheduled layers moved
+    weights = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    for name, mask in final.items():
+        assert np.all(weights[name][~mask.astype(bool)] == 0), name

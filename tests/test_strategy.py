@@ -100,3 +100,36 @@ def test_down_payload_is_packed_mask_plus_kept_values(core):
         -(-m.size // 8) for m in core.masks.values())
     assert record_bytes(payload) < record_bytes(to_record(core.state))
     assert kept < total
+
+
+def test_fedtiny_topk_replies_are_checked_and_aggregated(core, caplog):
+    """Top-K replies: out-of-range or over-K ones are rejected; the rest move one layer."""
+    import torch
+
+    from fedprune.fedtiny.progressive import Schedule
+    from flwr.app import Array, ArrayRecord
+
+    strategy = SparseFedAvg(core, Schedule(rounds=4, delta_r=1, r_end=4, alpha=0.3))
+    layer, k = strategy._schedule(1)
+    assert layer == next(iter(core.masks)) and k > 0
+    mask = core.masks[layer]
+    pruned = np.flatnonzero(~mask.reshape(-1))
+    good = wire.encode_sparse({layer: (pruned[:k], np.linspace(1, 2, k, dtype=np.float32))})
+    too_many = wire.encode_sparse({layer: (pruned[:k + 1], np.ones(k + 1, np.float32))})
+    out_of_range = {f"index/{layer}": np.array([mask.size], np.int32),
+                    f"value/{layer}": np.ones(1, np.float32)}
+    state = _client_state(core, 1)
+    msgs = [server_message(i, {}, {}) for i in (31, 32, 33)]
+    replies = []
+    for msg, topk in zip(msgs, (good, too_many, out_of_range)):
+        r = reply(msg, wire.encode_up(state, core.masks), {"num-examples": 4})
+        r.content["fedtiny"] = ArrayRecord({key: Array(v) for key, v in topk.items()})
+        replies.append(r)
+    before = core.masks[layer].copy()
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, replies)
+    assert strategy.stats[1]["failures"] == 2 and "K=" in caplog.text and layer in caplog.text
+    after = core.masks[layer]
+    assert int(after.sum()) == int(before.sum())
+    grown = np.flatnonzero(after.reshape(-1) & ~before.reshape(-1))
+    assert set(grown) == set(pruned[:k].tolist())  # exactly the good reply's positions grew

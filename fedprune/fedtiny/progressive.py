@@ -53,39 +53,39 @@ class Schedule:
 class TopKBuffer:
     """The K pruned positions with the largest accumulated gradient, and nothing more.
 
-    ``add_`` takes one step's gradient of the layer (the tensor backpropagation made) and
-    the layer's mask; it reads the gradient in place and keeps at most K (index, value)
-    pairs: memory O(K), no dense accumulator.
+    ``add_`` takes one step's gradient of the layer (the tensor backpropagation made). It
+    ranks the pruned positions in place and puts the kept positions' values back, so the
+    optimizer step that follows sees the gradient unchanged. Memory: the K (index, value)
+    pairs plus the kept positions' indices (the client holds those weights anyway); no
+    dense accumulator and no dense copy of the gradient.
     """
 
-    def __init__(self, k: int, numel: int) -> None:
-        if not 0 <= k <= numel:
-            raise ValueError(f"K={k} must be in [0, {numel}] (the layer's size)")
-        self.k, self.numel = k, numel
+    def __init__(self, k: int, mask: torch.Tensor) -> None:
+        if not 0 <= k <= mask.numel():
+            raise ValueError(f"K={k} must be in [0, {mask.numel()}] (the layer's size)")
+        self.k, self.numel = k, mask.numel()
+        self.kept = mask.reshape(-1).nonzero().squeeze(1)  # (active,)
         self.index = torch.empty(0, dtype=torch.long)
         self.value = torch.empty(0)
 
     @torch.no_grad()
-    def add_(self, grad: torch.Tensor, mask: torch.Tensor) -> None:
-        """Merge this step's top-K pruned-position gradients into the buffer.
-
-        The gradient is modified in place (kept positions zeroed): call after the
-        optimizer step, when it is no longer needed.
-        """
+    def add_(self, grad: torch.Tensor) -> None:
+        """Merge this step's top-K pruned-position gradients into the buffer."""
         if self.k == 0:
             return
         flat = grad.view(-1)  # (numel,) a view: no copy
-        flat.masked_fill_(mask.view(-1), 0)  # in place: only pruned positions compete
+        saved = flat[self.kept]  # (active,)
+        flat[self.kept] = 0  # only pruned positions compete
         top = torch.topk(flat, self.k).indices  # largest positive (k,)
         bottom = torch.topk(flat, self.k, largest=False).indices  # most negative (k,)
-        idx = torch.cat([self.index, top, bottom])
-        val = torch.cat([self.value, flat[top], flat[bottom]])
-        self._keep_top_(idx, val)
+        idx = torch.cat([self.index.to(flat.device), top, bottom])
+        val = torch.cat([self.value.to(flat), flat[top], flat[bottom]])
+        flat[self.kept] = saved  # the optimizer step needs the kept positions' gradient
+        self._keep_top_(idx.cpu(), val.float().cpu())
 
     def _keep_top_(self, idx: torch.Tensor, val: torch.Tensor) -> None:
         uniq, inverse = torch.unique(idx, return_inverse=True)  # (u,), at most 3K
         summed = torch.zeros(len(uniq), dtype=val.dtype).index_add_(0, inverse, val)
-        # (a position met again this step is counted once per step: top and bottom differ)
         order = torch.topk(summed.abs(), min(self.k, len(uniq))).indices
         keep = order[summed[order] != 0]
         self.index, self.value = uniq[keep], summed[keep]

@@ -39,8 +39,13 @@ def check_partition(cfg: ExperimentConfig, partition_id: int, num_partitions: in
 
 
 def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray],
-                 server_round: int = 0) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Train on this client's partition; return (kept-values payload, metrics)."""
+                 server_round: int = 0, adjust: tuple[str, int] | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train on this client's partition; return (kept-values payload, metrics).
+
+    ``adjust = (layer, K)``: also keep the top-K gradients at that layer's pruned positions
+    (FedTiny); they come back as ``index/<layer>``, ``value/<layer>`` entries in
+    ``metrics["topk"]`` (a wire.encode_sparse payload)."""
     t0 = time.perf_counter()
     model, masks = _prepare(cfg, payload)
     data = client_split(cfg.data, partition_id)
@@ -48,8 +53,13 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
                          augment=cfg.data.augment,
                          seed=cfg.run.seed * 100_003 + server_round * 1_009 + partition_id)
     masks_t = {k: torch.from_numpy(v) for k, v in masks.items()}
-    stats = train_local(model, loader, cfg.train, masks_t, select_device(cfg.run.device))
+    device = select_device(cfg.run.device)
+    buffer, hook = _topk_hook(model, masks_t, adjust, device)
+    stats = train_local(model, loader, cfg.train, masks_t, device, on_backward=hook)
     reply = wire.encode_up(model_state(model.cpu()), masks)
+    if buffer is not None:
+        stats["topk"] = wire.encode_sparse(
+            {adjust[0]: (buffer.index.numpy(), buffer.value.numpy().astype(np.float32))})
     # compute_seconds: the client's own work (decode, data, train, encode); the
     # scale benchmark subtracts it from round wall time to get framework overhead.
     return reply, {"num-examples": len(data), **stats,
@@ -64,3 +74,23 @@ def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str,
     loader = make_loader(data, cfg.data.dataset, cfg.train.eval_batch_size, shuffle=False)
     metrics = evaluate(model, loader, select_device(cfg.run.device))
     return {"num-examples": len(data), "loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+
+
+def _topk_hook(model: torch.nn.Module, masks: dict[str, torch.Tensor],
+               adjust: tuple[str, int] | None, device: torch.device):
+    """(buffer, hook) collecting the scheduled layer's pruned-position gradients, or Nones."""
+    if not adjust:
+        return None, None
+    from ..fedtiny.progressive import TopKBuffer
+
+    layer, k = adjust
+    if layer not in masks:
+        raise ValueError(f"fedtiny layer {layer!r} is not a masked tensor of the model")
+    param = dict(model.named_parameters())[layer]
+    buffer = TopKBuffer(k, masks[layer].to(device))
+
+    def hook() -> None:
+        if param.grad is not None:
+            buffer.add_(param.grad)
+
+    return buffer, hook

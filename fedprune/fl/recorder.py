@@ -19,7 +19,7 @@ ROUND_COLUMNS = [
     "round", "accuracy", "loss", "density", "inference_flops", "training_flops",
     "bytes_down_per_client", "bytes_up_per_client", "bytes_down", "bytes_up",
     "bytes_total", "clients", "failures", "wall_seconds", "eval_seconds", "client_seconds",
-    "fed_accuracy", "fed_loss",
+    "fed_accuracy", "fed_loss", "adjusted_layer", "adjusted_k",
 ]
 
 
