@@ -8,19 +8,16 @@ with its reason logged and the round continues with the other clients.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from dataclasses import dataclass
-
-import numpy as np
-import torch
-
-from fedprune.fedtiny.progressive import Schedule, aggregate_topk, prune_and_grow
+from fedprune.fedtiny.progressive import Schedule
 from fedprune.fl.server_core import SparseServer
 from fedprune.masks import wire
 
@@ -131,20 +128,12 @@ class SparseFedAvg(FedAvg):
 
     def _prune_and_grow(self, adjust: tuple[str, int], accepted: list[_Reply],
                         state: dict, stats: dict) -> dict:
-        """FedTiny's server step: grow K by summed top-K gradients, prune K smallest."""
-        layer, k = adjust
-        sparse = [(torch.from_numpy(r.topk[0]), torch.from_numpy(r.topk[1]), r.examples)
-                  for r in accepted if r.topk is not None]
+        """FedTiny's server step on the scheduled layer (see SparseServer.prune_and_grow)."""
+        sparse = [(r.topk[0], r.topk[1], r.examples) for r in accepted if r.topk is not None]
         if not sparse:
             return state
-        index, value = aggregate_topk(sparse, state[layer].size)
-        weight, mask = prune_and_grow(torch.from_numpy(state[layer]),
-                                      torch.from_numpy(self.core.masks[layer]), index,
-                                      value.float(), k)
-        masks = {**self.core.masks_t, layer: mask}
-        self.core.set_masks(masks, {**state, layer: weight.numpy()})
-        stats.update(adjusted_layer=layer, adjusted_k=k)
-        return self.core.state
+        stats.update(adjusted_layer=adjust[0], adjusted_k=adjust[1])
+        return self.core.prune_and_grow(adjust[0], adjust[1], sparse, state)
 
     def _accept(self, msg: Message, adjust: tuple[str, int] | None) -> _Reply | None:
         """Decode one reply, or log why it is rejected and return None."""

@@ -62,6 +62,21 @@ class SparseServer:
         apply_masks_(self.model, self.masks_t)
         self.state = model_state(self.model)
 
+    def prune_and_grow(self, layer: str, k: int,
+                       sparse: list[tuple[np.ndarray, np.ndarray, int]],
+                       state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """FedTiny's server step: sum the clients' sparse top-K gradients of ``layer``
+        (weighted by examples), grow the K largest, prune the K smallest active weights."""
+        from ..fedtiny.progressive import aggregate_topk, prune_and_grow
+
+        replies = [(torch.from_numpy(i), torch.from_numpy(v), n) for i, v, n in sparse]
+        index, value = aggregate_topk(replies, state[layer].size)
+        weight, mask = prune_and_grow(torch.from_numpy(state[layer]),
+                                      torch.from_numpy(self.masks[layer]), index,
+                                      value.float(), k)
+        self.set_masks({**self.masks_t, layer: mask}, {**state, layer: weight.numpy()})
+        return self.state
+
     # ------------------------------------------------------------------ wire
     def encode_down(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return wire.encode_down(state, self.masks)
