@@ -10,7 +10,6 @@ from client.client_app import app as client_app
 from fedprune.config import load_config, to_yaml
 from fedprune.data import client_split
 from fedprune.fl.server_core import SparseServer
-from fedprune.masks import wire
 from flower_helpers import server_message, set_identity
 
 OVERRIDES = ["data.num_clients=3", "data.train_subset=600", "model.width=4",

@@ -73,7 +73,6 @@ def test_adaptive_bn_selection_before_training(tmp_path, data_root):
 @pytest.mark.slow
 def test_fedtiny_progressive_pruning_end_to_end(tmp_path, data_root):
     """BN selection, then two scheduled layers move by top-K growth; density stays exact."""
-    import torch
     from safetensors.numpy import load_file
 
     from fedprune.fedtiny.candidates import build_candidates

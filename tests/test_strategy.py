@@ -104,7 +104,6 @@ def test_down_payload_is_packed_mask_plus_kept_values(core):
 
 def test_fedtiny_topk_replies_are_checked_and_aggregated(core, caplog):
     """Top-K replies: out-of-range or over-K ones are rejected; the rest move one layer."""
-    import torch
 
     from fedprune.fedtiny.progressive import Schedule
     from flwr.app import Array, ArrayRecord

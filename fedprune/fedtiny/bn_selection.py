@@ -18,6 +18,7 @@ import torch
 
 from ..config import ExperimentConfig
 from ..data import client_split, make_loader
+from ..fl.client_core import prepare_model
 from ..masks import wire
 from ..models import build_model
 from ..train import evaluate, select_device
@@ -41,14 +42,7 @@ def _unpack_candidates(cfg: ExperimentConfig, payload: dict[str, np.ndarray]
     for key, value in payload.items():
         k, rest = key.split("/", 1)
         groups.setdefault(int(k), {})[rest] = value
-    models = []
-    for k in sorted(groups):
-        model = build_model(cfg.model, cfg.data.dataset)
-        template = wire.template_of({n: t.numpy() for n, t in model.state_dict().items()})
-        state, _ = wire.decode_down(groups[k], template, client="server")
-        model.load_state_dict({n: torch.from_numpy(v) for n, v in state.items()})
-        models.append(model)
-    return models
+    return [prepare_model(cfg, groups[k])[0] for k in sorted(groups)]
 
 
 def _local_batches(cfg: ExperimentConfig, partition_id: int):

@@ -19,7 +19,8 @@ from ..train import evaluate, select_device, train_local
 from .server_core import load_state_, model_state
 
 
-def _prepare(cfg: ExperimentConfig, payload: dict[str, np.ndarray]):
+def prepare_model(cfg: ExperimentConfig, payload: dict[str, np.ndarray]):
+    """The model with the decoded global weights loaded, and the masks (strict decode)."""
     model = build_model(cfg.model, cfg.data.dataset)
     template = wire.template_of(model_state(model))
     state, masks = wire.decode_down(payload, template, client="server")
@@ -47,7 +48,7 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
     (FedTiny); they come back as ``index/<layer>``, ``value/<layer>`` entries in
     ``metrics["topk"]`` (a wire.encode_sparse payload)."""
     t0 = time.perf_counter()
-    model, masks = _prepare(cfg, payload)
+    model, masks = prepare_model(cfg, payload)
     data = client_split(cfg.data, partition_id)
     loader = make_loader(data, cfg.data.dataset, cfg.train.batch_size, shuffle=True,
                          augment=cfg.data.augment,
@@ -69,7 +70,7 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]
                     ) -> dict[str, float]:
     """Evaluate the global model on this client's partition (federated evaluation)."""
-    model, _ = _prepare(cfg, payload)
+    model, _ = prepare_model(cfg, payload)
     data = client_split(cfg.data, partition_id)
     loader = make_loader(data, cfg.data.dataset, cfg.train.eval_batch_size, shuffle=False)
     metrics = evaluate(model, loader, select_device(cfg.run.device))

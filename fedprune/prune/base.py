@@ -143,6 +143,12 @@ class Pruner(ABC):
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
+    def require_gram(self, stats: LayerStats | None) -> LayerStats:
+        """``stats`` with a Gram matrix, or a clear error naming the method."""
+        if stats is None or stats.gram is None:
+            raise ValueError(f"{self.name} needs calibration statistics with a Gram matrix")
+        return stats
+
     def scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor | None:
         """Importance per weight (out, in), larger = keep; None for methods that select
         inside their own algorithm (SparseGPT, ADMM)."""

@@ -198,7 +198,6 @@ class AdmmPruner(Pruner):
 
     def prune(self, weight: torch.Tensor, stats: LayerStats | None, target: SparsityTarget
               ) -> PruneResult:
-        if stats is None or stats.gram is None:
-            raise ValueError("admm needs calibration statistics with a Gram matrix")
+        stats = self.require_gram(stats)
         new_weight, mask = admm_prune(weight, stats.gram, target, self.cfg)
         return PruneResult(mask, new_weight.to(weight.dtype))

@@ -183,7 +183,6 @@ class SparseGPTPruner(Pruner):
 
     def prune(self, weight: torch.Tensor, stats: LayerStats | None, target: SparsityTarget
               ) -> PruneResult:
-        if stats is None or stats.gram is None:
-            raise ValueError("sparsegpt needs calibration statistics with a Gram matrix")
+        stats = self.require_gram(stats)
         out = sparsegpt_prune(weight, stats.gram, stats.rows, target, self.cfg)
         return PruneResult(out.mask, out.weight.to(weight.dtype))
