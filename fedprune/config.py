@@ -86,6 +86,9 @@ class ModelConfig:
 
 
 MASK_INITS = ("dense", "uniform", "erk", "global_magnitude", "random")
+# Scored by the clients on their own data and aggregated by the server before round 1.
+CLIENT_SCORED = ("snip", "synflow")
+CONSENSUS = ("average", "vote")
 
 
 @dataclass
@@ -95,10 +98,21 @@ class MaskConfig:
     # Names (fnmatch patterns over parameter names) of prunable tensors kept dense.
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
+    # snip / synflow: how the server combines the clients' scores (``average``: example-
+    # weighted mean, then global top-k; ``vote``: each client's own top-k mask, majority).
+    consensus: str = "average"
+    score_batches: int = 4  # snip: local batches each client scores (0 = its whole partition)
+    # init=file: masks of an earlier run (its mask.safetensors) on freshly initialised
+    # weights -- the random-reinit control of Liu et al. 2019 ("Rethinking ...").
+    file: str = ""
 
     def __post_init__(self) -> None:
         _check("mask.density", 0.0 < self.density <= 1.0, "must be in (0, 1]", self.density)
-        _choice("mask.init", self.init, MASK_INITS)
+        _choice("mask.init", self.init, MASK_INITS + CLIENT_SCORED + ("file",))
+        _choice("mask.consensus", self.consensus, CONSENSUS)
+        _check("mask.score_batches", self.score_batches >= 0, "must be >= 0", self.score_batches)
+        _check("mask.file", (self.init == "file") == bool(self.file),
+               "set mask.file exactly when mask.init='file'", self.file)
 
 
 @dataclass
@@ -154,6 +168,11 @@ class FedTinyConfig:
     delta_r: int = 0  # 0 = off
     r_end: int = 0  # 0 = three quarters of fed.rounds
     alpha: float = 0.3
+    # What one adjustment moves: one masked tensor ("layer") or every masked tensor of one
+    # block ("block": residual block / stage unit, by name prefix), visited in ``order``:
+    # "forward" (model order), "reverse", or comma-separated tensor names / block prefixes.
+    granularity: str = "layer"
+    order: str = "forward"
 
     def __post_init__(self) -> None:
         _check("fedtiny.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
@@ -161,6 +180,57 @@ class FedTinyConfig:
         _check("fedtiny.delta_r", self.delta_r >= 0, "must be >= 0 (0 = off)", self.delta_r)
         _check("fedtiny.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
         _check("fedtiny.alpha", 0 < self.alpha <= 1, "must be in (0, 1]", self.alpha)
+        _choice("fedtiny.granularity", self.granularity, ("layer", "block"))
+        _check("fedtiny.order", bool(self.order.strip()), "must be forward, reverse or names",
+               self.order)
+
+
+DST_METHODS = ("none", "prunefl", "feddst")
+
+
+@dataclass
+class DstConfig:
+    """Dynamic sparse training baselines on the same schedule fields as FedTiny.
+
+    ``prunefl``: every delta_r rounds clients accumulate the squared *dense* gradient of
+    every masked tensor during local training and upload it; the server re-selects each
+    layer's kept positions by that importance (PruneFL, Jiang et al. 2022, with uniform
+    per-parameter time cost). ``feddst``: every delta_r rounds each client prunes its K
+    smallest weights and grows K by its local dense gradient (RigL) per layer, uploads its
+    own mask and values; the server averages where clients keep a position and takes the
+    mask by example-weighted vote (FedDST, Bibikar et al. 2022)."""
+
+    method: str = "none"
+    delta_r: int = 1
+    r_end: int = 0  # 0 = three quarters of fed.rounds
+    alpha: float = 0.3  # feddst: K = alpha_t * active per layer, cosine decay
+
+    def __post_init__(self) -> None:
+        _choice("dst.method", self.method, DST_METHODS)
+        _check("dst.delta_r", self.delta_r >= 1, "must be >= 1", self.delta_r)
+        _check("dst.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
+        _check("dst.alpha", 0 < self.alpha <= 1, "must be in (0, 1]", self.alpha)
+
+
+@dataclass
+class GatesConfig:
+    """Polarization-regularized channel gates trained federatedly (Zhi et al. 2023,
+    "Learning a Consensus Sub-Network with Polarization Regularization and One Pass
+    Training"). For ``rounds`` rounds clients train dense weights plus one binary
+    (straight-through) gate per output channel under the polarization loss; the server
+    averages the gates; then it keeps the channels with the highest consensus gates up to
+    mask.density and training continues sparse in the same pass."""
+
+    rounds: int = 0  # 0 = off
+    lam: float = 1e-3  # weight of the polarization regularizer
+    t: float = 1.0  # polarization strength (Zhuang et al. 2020)
+    lr: float = 0.05  # gate learning rate (SGD)
+
+    def __post_init__(self) -> None:
+        _check("gates.rounds", self.rounds >= 0, "must be >= 0 (0 = off)", self.rounds)
+        _check("gates.lam", self.lam >= 0, "must be >= 0", self.lam)
+        _check("gates.t", self.t >= 0, "must be >= 0", self.t)
+        _check("gates.lr", self.lr > 0, "must be > 0", self.lr)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -199,6 +269,8 @@ class ExperimentConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     fedtiny: FedTinyConfig = field(default_factory=FedTinyConfig)
+    dst: DstConfig = field(default_factory=DstConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
 
     def __post_init__(self) -> None:
         if self.fed.min_train_clients > self.data.num_clients:
@@ -206,9 +278,17 @@ class ExperimentConfig:
                 f"fed.min_train_clients={self.fed.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
-        if self.fedtiny.r_end > self.fed.rounds:
-            raise ConfigError(f"fedtiny.r_end={self.fedtiny.r_end} is beyond "
-                              f"fed.rounds={self.fed.rounds}")
+        for key, r_end in (("fedtiny.r_end", self.fedtiny.r_end), ("dst.r_end", self.dst.r_end)):
+            if r_end > self.fed.rounds:
+                raise ConfigError(f"{key}={r_end} is beyond fed.rounds={self.fed.rounds}")
+        if self.gates.rounds >= self.fed.rounds:
+            raise ConfigError(f"gates.rounds={self.gates.rounds} must be < fed.rounds="
+                              f"{self.fed.rounds} (gates are trained, then the mask is fixed)")
+        dynamic = [k for k, on in (("fedtiny.delta_r", self.fedtiny.delta_r > 0),
+                                   ("dst.method", self.dst.method != "none"),
+                                   ("gates.rounds", self.gates.rounds > 0)) if on]
+        if len(dynamic) > 1:
+            raise ConfigError(f"{dynamic} are all set: choose one mask-adjustment method")
         if self.data.dataset == "mnist" and self.model.name != "convnet":
             raise ConfigError(
                 f"model.name={self.model.name!r} expects 3-channel 32x32 input; "
@@ -219,7 +299,8 @@ class ExperimentConfig:
 # Field type names (annotations are strings under `from __future__ import annotations`)
 _NESTED = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "MaskConfig": MaskConfig,
            "TrainConfig": TrainConfig, "FedConfig": FedConfig, "SimConfig": SimConfig,
-           "RunConfig": RunConfig, "FedTinyConfig": FedTinyConfig}
+           "RunConfig": RunConfig, "FedTinyConfig": FedTinyConfig, "DstConfig": DstConfig,
+           "GatesConfig": GatesConfig}
 
 # ----------------------------------------------------------------------------- loading
 

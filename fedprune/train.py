@@ -43,15 +43,20 @@ def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor] | None
 def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
                 masks: dict[str, torch.Tensor] | None = None,
                 device: torch.device | str = "cpu",
-                on_backward: Callable[[], None] | None = None) -> dict[str, float]:
+                on_backward: Callable[[], None] | None = None,
+                regularizer: Callable[[], torch.Tensor] | None = None,
+                extra_params: list[dict] | None = None) -> dict[str, float]:
     """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD.
 
     ``on_backward`` runs after each backward pass, before gradients are masked (FedTiny
-    reads the pruned positions' gradients there)."""
+    reads the pruned positions' gradients there). ``regularizer()`` is added to each
+    batch's loss; ``extra_params`` are optimizer parameter groups trained alongside the
+    model (e.g. channel gates with their own learning rate)."""
     device = torch.device(device)
     model.to(device).train()
     masked = _masked_params(model, masks)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    groups = [{"params": list(model.parameters())}, *(extra_params or [])]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     with torch.no_grad():  # incoming weights may carry values at pruned positions
         for p, m in masked:
@@ -62,7 +67,7 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + regularizer() if regularizer is not None else loss).backward()
             if on_backward is not None:
                 on_backward()
             with torch.no_grad():
