@@ -12,7 +12,8 @@ from flwr.clientapp import ClientApp
 
 from fedprune.config import from_yaml
 from fedprune.fedtiny.bn_selection import client_bn_stats, client_candidate_losses
-from fedprune.fl.client_core import check_partition, client_evaluate, client_train
+from fedprune.fl.client_core import (check_partition, client_evaluate, client_scores,
+                                     client_train)
 
 app = ClientApp()
 
@@ -31,15 +32,20 @@ def _unpack(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, payload, server_round = _unpack(msg, context)
     conf = msg.content["config"]
-    layer = str(conf.get("fedtiny-layer", ""))
-    adjust = (layer, int(conf["fedtiny-k"])) if layer else None
-    reply, metrics = client_train(cfg, pid, payload, server_round, adjust)
-    topk = metrics.pop("topk", None)
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in reply.items()}),
+    # the round's mask-adjustment plan (FedTiny, PruneFL, FedDST, gates) and its records
+    plan = {k: v for k, v in conf.items() if k.startswith("adjust-")}
+    extras = {k: {n: a.numpy() for n, a in r.items()}
+              for k, r in msg.content.array_records.items() if k != "arrays"}
+    reply, metrics, records = client_train(cfg, pid, payload, server_round, plan, extras)
+    content = RecordDict({"arrays": _record(reply),
                           "metrics": MetricRecord({**metrics, "partition-id": pid})})
-    if topk is not None:  # FedTiny: sparse top-K gradients of the scheduled layer
-        content["fedtiny"] = ArrayRecord({k: Array(v) for k, v in topk.items()})
+    for key, arrays in records.items():
+        content[key] = _record(arrays)
     return Message(content=content, reply_to=msg)
+
+
+def _record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 @app.evaluate()
@@ -49,12 +55,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-
 @app.query("bn_stats")
 def bn_stats(msg: Message, context: Context) -> Message:
     """Adaptive BN selection, round A: BN input statistics of every candidate."""
     cfg, pid, payload, _ = _unpack(msg, context)
-    arrays = ArrayRecord({k: Array(v) for k, v in client_bn_stats(cfg, pid, payload).items()})
+    arrays = _record(client_bn_stats(cfg, pid, payload))
     return Message(content=RecordDict({"arrays": arrays,
                                        "metrics": MetricRecord({"partition-id": pid})}),
                    reply_to=msg)
@@ -67,3 +72,12 @@ def candidate_loss(msg: Message, context: Context) -> Message:
     losses, n = client_candidate_losses(cfg, pid, payload)
     metrics = MetricRecord({"losses": losses, "num-examples": n, "partition-id": pid})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query("scores")
+def scores(msg: Message, context: Context) -> Message:
+    """Client-scored mask init: SNIP / SynFlow scores (or own mask) of the dense model."""
+    cfg, pid, payload, _ = _unpack(msg, context)
+    arrays, n = client_scores(cfg, pid, payload)
+    return Message(content=RecordDict({"arrays": _record(arrays), "metrics": MetricRecord(
+        {"num-examples": n, "partition-id": pid})}), reply_to=msg)

@@ -223,13 +223,16 @@ class GatesConfig:
 
     rounds: int = 0  # 0 = off
     lam: float = 1e-3  # weight of the polarization regularizer
-    t: float = 1.0  # polarization strength (Zhuang et al. 2020)
+    # Polarization strength (Zhuang et al. 2020): the regularizer alone opens a fraction
+    # (2 - t) / 4 of the gates. 0 = auto: t = 2 - 4 * mask.density, so the gates it
+    # opens match the channel share the final mask keeps (masks prune whole rows).
+    t: float = 0.0
     lr: float = 0.05  # gate learning rate (SGD)
 
     def __post_init__(self) -> None:
         _check("gates.rounds", self.rounds >= 0, "must be >= 0 (0 = off)", self.rounds)
         _check("gates.lam", self.lam >= 0, "must be >= 0", self.lam)
-        _check("gates.t", self.t >= 0, "must be >= 0", self.t)
+        _check("gates.t", -2 < self.t < 2, "must be in (-2, 2) (0 = auto)", self.t)
         _check("gates.lr", self.lr > 0, "must be > 0", self.lr)
 
 
@@ -284,6 +287,9 @@ class ExperimentConfig:
         if self.gates.rounds >= self.fed.rounds:
             raise ConfigError(f"gates.rounds={self.gates.rounds} must be < fed.rounds="
                               f"{self.fed.rounds} (gates are trained, then the mask is fixed)")
+        if self.gates.rounds and self.mask.density >= 1.0:
+            raise ConfigError("gates.rounds > 0 prunes to mask.density, which is 1.0: set "
+                              "mask.density < 1")
         dynamic = [k for k, on in (("fedtiny.delta_r", self.fedtiny.delta_r > 0),
                                    ("dst.method", self.dst.method != "none"),
                                    ("gates.rounds", self.gates.rounds > 0)) if on]

@@ -10,25 +10,22 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.config import CLIENT_SCORED, ExperimentConfig, to_yaml
 from fedprune.data import partition_report
-from fedprune.fedtiny.progressive import Schedule
 from fedprune.fl.recorder import RunRecorder
 from fedprune.fl.server_core import SparseServer
 from fedprune.fl.summary import print_round, print_summary, summarize
 
+from .adjust import make_adjuster
 from .fedtiny import adaptive_bn_selection
+from .init_scores import client_scored_masks
 from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
 
 
 def make_strategy(cfg: ExperimentConfig, core: SparseServer) -> SparseFedAvg:
     n = cfg.data.num_clients
-    schedule = None
-    if cfg.fedtiny.delta_r:
-        schedule = Schedule(cfg.fed.rounds, cfg.fedtiny.delta_r, cfg.fedtiny.r_end,
-                            cfg.fedtiny.alpha)
     return SparseFedAvg(
-        core, schedule,
+        core, make_adjuster(cfg, core),
         fraction_train=cfg.fed.fraction_train,
         fraction_evaluate=cfg.fed.fraction_evaluate,
         min_train_nodes=min(cfg.fed.min_train_clients, n),
@@ -45,6 +42,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     recorder = RunRecorder(run_dir, to_yaml(cfg))
     partition_report(cfg.data, recorder.dir)
     selection = None
+    if cfg.mask.init in CLIENT_SCORED:  # SNIP / SynFlow scored by the clients
+        selection = client_scored_masks(grid, cfg, core)
+        (recorder.dir / "score_init.json").write_text(json.dumps(selection, indent=2))
     if cfg.fedtiny.candidates:  # FedTiny coarse pruning: replaces the mask.init mask
         selection = adaptive_bn_selection(grid, cfg, core)
         (recorder.dir / "bn_selection.json").write_text(json.dumps(selection, indent=2))
@@ -59,6 +59,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
         metrics = core.evaluate(state)
         metrics["eval_seconds"] = time.time() - t_eval
         stats = strategy.stats.get(server_round, {})
+        if stats.get("adjusted_layer"):  # the mask moved: density and FLOPs with it
+            cost.update(core.cost())
         now = time.time()
         row = _round_row(server_round, metrics, cost, stats, now - clock["t"])
         clock["t"] = now
@@ -77,7 +79,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     final = to_numpy(result.arrays) if result.arrays is not None else core.state
     recorder.save_model(final, core.masks)
     recorder.plot_accuracy()
-    summary = summarize(recorder.rows, cost, dense_bytes, core.layer_densities(), cfg)
+    summary = summarize(recorder.rows, core.cost(), dense_bytes, core.layer_densities(), cfg)
     if selection is not None:
         summary["bn_selection"] = selection
     recorder.write_summary(summary)

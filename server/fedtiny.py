@@ -6,46 +6,19 @@ module only sends them as Flower messages and rejects malformed replies with a r
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 
-from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.config import ExperimentConfig
 from fedprune.fedtiny.bn_selection import pack_candidates, parse_bn_reply, with_pooled_bn
 from fedprune.fedtiny.candidates import build_candidates, select_candidate
 from fedprune.fl.server_core import SparseServer, load_state_
 from fedprune.models import build_model
 
-from .strategy import record_bytes, to_numpy, to_record
-
-
-def _nodes(grid: Grid, count: int) -> list[int]:
-    while len(nodes := list(grid.get_node_ids())) < count:  # registration can lag
-        time.sleep(1)
-    return nodes
-
-
-def _ask(grid: Grid, cfg: ExperimentConfig, nodes: list[int], kind: str, arrays: dict,
-         meter: dict) -> list[Message]:
-    record = to_record(arrays)
-    conf = ConfigRecord({"fedprune-config": to_yaml(cfg)})
-    messages = [Message(RecordDict({"arrays": record, "config": conf}),
-                        message_type=f"query.{kind}", dst_node_id=n) for n in nodes]
-    meter["bytes_down"] += len(nodes) * record_bytes(record)
-    replies = list(grid.send_and_receive(messages, timeout=cfg.fed.round_timeout))
-    ok = []
-    for msg in replies:
-        if msg.has_error():
-            log(WARNING, "%s: node %s failed: %s", kind, msg.metadata.src_node_id,
-                msg.error.reason)
-            continue
-        if "arrays" in msg.content.array_records:
-            meter["bytes_up"] += record_bytes(msg.content["arrays"])
-        ok.append(msg)
-    return ok
+from .query import ask, wait_for_nodes
+from .records import to_numpy
 
 
 def adaptive_bn_selection(grid: Grid, cfg: ExperimentConfig, core: SparseServer) -> dict:
@@ -59,10 +32,10 @@ def adaptive_bn_selection(grid: Grid, cfg: ExperimentConfig, core: SparseServer)
               for m in masks]
     expected = {n: int(b.num_features) for n, b in dense.named_modules()
                 if hasattr(b, "running_mean") and b.running_mean is not None}
-    nodes, meter = _nodes(grid, cfg.data.num_clients), {"bytes_down": 0, "bytes_up": 0}
+    nodes, meter = wait_for_nodes(grid, cfg.data.num_clients), {"bytes_down": 0, "bytes_up": 0}
 
     per_candidate: list[list] = [[] for _ in candidates]  # Round A: BN statistics
-    for msg in _ask(grid, cfg, nodes, "bn_stats", pack_candidates(states, masks), meter):
+    for msg in ask(grid, cfg, nodes, "bn_stats", pack_candidates(states, masks), meter):
         try:
             stats = parse_bn_reply(to_numpy(msg.content["arrays"]), expected, len(candidates),
                                    f"node {msg.metadata.src_node_id}")
@@ -76,7 +49,7 @@ def adaptive_bn_selection(grid: Grid, cfg: ExperimentConfig, core: SparseServer)
     pooled = [with_pooled_bn(cfg, s, p) for s, p in zip(states, per_candidate)]
 
     losses, counts = [], []  # Round B: loss of each candidate with pooled BN
-    for msg in _ask(grid, cfg, nodes, "candidate_loss", pack_candidates(pooled, masks), meter):
+    for msg in ask(grid, cfg, nodes, "candidate_loss", pack_candidates(pooled, masks), meter):
         row = [float(v) for v in msg.content["metrics"]["losses"]]
         if len(row) != len(candidates):
             log(WARNING, "rejected losses from node %s: %d values for %d candidates",

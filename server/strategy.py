@@ -11,28 +11,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedprune.fedtiny.progressive import Schedule
 from fedprune.fl.server_core import SparseServer
 from fedprune.masks import wire
 
+from .adjust import Adjuster
+from .records import record_bytes, to_numpy, to_record
 
-def record_bytes(record: ArrayRecord) -> int:
-    """Serialized size of an ArrayRecord's arrays (what the transport carries)."""
-    return sum(len(arr.data) for arr in record.values())
-
-
-def to_record(arrays: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
-
-
-def to_numpy(record: ArrayRecord) -> dict:
-    return {k: v.numpy() for k, v in record.items()}
+__all__ = ["SparseFedAvg", "record_bytes", "to_numpy", "to_record"]
 
 
 @dataclass
@@ -42,45 +32,43 @@ class _Reply:
     metrics: dict
     nbytes: int
     node: int
-    topk: tuple | None = None  # FedTiny: (indices, values) of the scheduled layer
+    masks: dict | None = None  # the client's own mask (methods that adjust it locally)
+    extra: object = None  # the adjustment method's part of the reply, checked
 
 
 class SparseFedAvg(FedAvg):
-    """FedAvg over the kept positions of the global mask; with a FedTiny ``schedule``,
-    one layer's mask moves every delta_r rounds (progressive pruning)."""
+    """FedAvg over the kept positions of the global mask; an ``adjuster`` (FedTiny,
+    PruneFL, FedDST, gates: ``server/adjust.py``) moves the mask on the rounds it plans."""
 
-    def __init__(self, core: SparseServer, schedule: Schedule | None = None, **kwargs) -> None:
+    def __init__(self, core: SparseServer, adjuster: Adjuster | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.core = core
-        self.schedule = schedule
-        self.adjust: dict[int, tuple[str, int]] = {}  # round -> (layer, K)
+        self.adjuster = adjuster
         self.stats: dict[int, dict] = {}  # per round: bytes, clients, failures, seconds
 
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
         return to_record(self.core.encode_down(to_numpy(arrays)))
 
+    def _plan(self, server_round: int) -> dict | None:
+        return self.adjuster.plan(server_round) if self.adjuster else None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         payload = self._encode(arrays)
-        config["fedtiny-layer"], config["fedtiny-k"] = self._schedule(server_round)
+        plan = self._plan(server_round) or {}
+        # a copy: the caller reuses one ConfigRecord for every round, and a plan's keys
+        # must not leak into the next round's messages
+        config = ConfigRecord({**dict(config), **plan})
         messages = list(super().configure_train(server_round, payload, config, grid))
-        self.stats[server_round] = {"bytes_down_per_client": record_bytes(payload),
+        extra = self.adjuster.records(server_round) if plan else {}
+        for msg in messages:
+            for key, record in extra.items():
+                msg.content[key] = record
+        per_client = record_bytes(payload) + sum(record_bytes(r) for r in extra.values())
+        self.stats[server_round] = {"bytes_down_per_client": per_client,
                                     "clients": len(messages), "failures": 0,
                                     "bytes_up": 0, "client_seconds": 0.0}
         return messages
-
-    def _schedule(self, server_round: int) -> tuple[str, int]:
-        """The layer (in model order, cycling) and K this round adjusts, or ("", 0)."""
-        if self.schedule is None or not self.schedule.adjusts(server_round):
-            return "", 0
-        names = list(self.core.masks)
-        layer = names[(server_round // self.schedule.delta_r - 1) % len(names)]
-        mask = self.core.masks[layer]
-        k = self.schedule.k(server_round, int(mask.sum()), int(mask.size - mask.sum()))
-        if k == 0:
-            return "", 0
-        self.adjust[server_round] = (layer, k)
-        return layer, k
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -100,10 +88,10 @@ class SparseFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, {"failures": 0, "bytes_up": 0,
                                                      "client_seconds": 0.0})
-        adjust = self.adjust.get(server_round)
+        adjusting = self.adjuster is not None and server_round in self.adjuster.plans
         accepted = []
         for msg in replies:
-            reply = self._accept(msg, adjust)
+            reply = self._accept(msg, server_round if adjusting else None)
             if reply is None:
                 stats["failures"] += 1
                 continue
@@ -117,26 +105,22 @@ class SparseFedAvg(FedAvg):
         if not accepted:
             return None, None
         weights = [r.examples for r in accepted]
-        aggregated = self.core.aggregate([r.state for r in accepted], weights)
-        if adjust is not None:
-            aggregated = self._prune_and_grow(adjust, accepted, aggregated, stats)
+        aggregated = None
+        if not (adjusting and self.adjuster.reply_format == "down"):  # else: own masks
+            aggregated = self.core.aggregate([r.state for r in accepted], weights)
+        if adjusting:
+            aggregated = self.adjuster.aggregate(server_round, accepted, aggregated, stats)
         total = float(sum(weights))
         train_loss = sum(r.examples * float(r.metrics.get("train_loss", 0.0))
                          for r in accepted) / total
         return to_record(aggregated), MetricRecord({"train_loss": train_loss,
                                                     "num-examples": int(total)})
 
-    def _prune_and_grow(self, adjust: tuple[str, int], accepted: list[_Reply],
-                        state: dict, stats: dict) -> dict:
-        """FedTiny's server step on the scheduled layer (see SparseServer.prune_and_grow)."""
-        sparse = [(r.topk[0], r.topk[1], r.examples) for r in accepted if r.topk is not None]
-        if not sparse:
-            return state
-        stats.update(adjusted_layer=adjust[0], adjusted_k=adjust[1])
-        return self.core.prune_and_grow(adjust[0], adjust[1], sparse, state)
+    def _accept(self, msg: Message, adjusting: int | None) -> _Reply | None:
+        """Decode one reply, or log why it is rejected and return None.
 
-    def _accept(self, msg: Message, adjust: tuple[str, int] | None) -> _Reply | None:
-        """Decode one reply, or log why it is rejected and return None."""
+        ``adjusting``: the round number when the adjustment method planned this round
+        (its part of the reply is checked too), else None."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             log(WARNING, "node %s: reply carries an error: %s", node, msg.error.reason)
@@ -148,21 +132,28 @@ class SparseFedAvg(FedAvg):
             if n <= 0:
                 raise ValueError(f"num-examples={n} must be > 0")
             record = msg.content["arrays"]
-            state = self.core.decode_reply(to_numpy(record), client)
-            reply = _Reply(state, n, dict(metrics), record_bytes(record), node)
-            if adjust is not None and "fedtiny" in msg.content.array_records:
-                reply.topk = self._decode_topk(msg.content["fedtiny"], adjust, client)
-                reply.nbytes += record_bytes(msg.content["fedtiny"])
+            reply = _Reply({}, n, dict(metrics), record_bytes(record), node)
+            if adjusting is not None and self.adjuster.reply_format == "down":
+                reply.state, reply.masks = self._decode_own_mask(to_numpy(record), client)
+            else:
+                reply.state = self.core.decode_reply(to_numpy(record), client)
+            if adjusting is not None:
+                reply.extra = self.adjuster.parse(msg.content, client, adjusting)
+                reply.nbytes += sum(record_bytes(r) for k, r in msg.content.array_records.items()
+                                    if k != "arrays")
         except (KeyError, ValueError, TypeError) as err:  # WireError is a ValueError
             log(WARNING, "rejected reply from node %s: %s", node, err)
             return None
         return reply
 
-    def _decode_topk(self, record: ArrayRecord, adjust: tuple[str, int], client: str):
-        layer, k = adjust
-        shape = self.core.masks[layer].shape
-        decoded = wire.decode_sparse(to_numpy(record), {layer: (shape, np.float32)}, client)
-        index, value = decoded[layer]
-        if len(index) > k:
-            raise ValueError(f"{client}: tensor {layer!r}: {len(index)} top-K entries, K={k}")
-        return index, value
+    def _decode_own_mask(self, payload: dict, client: str) -> tuple[dict, dict]:
+        """A client's own mask + values; each layer must keep as many weights as now."""
+        state, masks = wire.decode_down(payload, self.core.template, client)
+        if set(masks) != set(self.core.masks):
+            raise ValueError(f"{client}: masks for {sorted(masks)[:3]}..., expected the "
+                             f"global masked tensors")
+        for name, mask in masks.items():
+            if int(mask.sum()) != int(self.core.masks[name].sum()):
+                raise ValueError(f"{client}: tensor {name!r} keeps {int(mask.sum())} weights, "
+                                 f"the global mask {int(self.core.masks[name].sum())}")
+        return state, masks

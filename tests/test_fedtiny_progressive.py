@@ -79,3 +79,27 @@ def test_prune_and_grow_keeps_density_and_moves_the_planted_weights():
     assert new_m.view(-1).tolist() == [True, False, False, True, True, True, False, False]
     assert new_w.view(-1)[[3, 4]].tolist() == [0.0, 0.0]  # grown weights start at zero
     assert new_w.view(-1)[[0, 5]].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_adjustment_plan_layers_blocks_and_order():
+    from fedprune.config import ModelConfig
+    from fedprune.fedtiny.progressive import adjustment_plan, tensor_blocks
+    from fedprune.masks import prunable_names
+    from fedprune.models import build_model
+
+    model = build_model(ModelConfig(name="resnet8", width=4), "cifar10")
+    names = prunable_names(model)
+    blocks = tensor_blocks(model, names)
+    assert adjustment_plan(names) == [[n] for n in names]
+    assert adjustment_plan(names, order="reverse") == [[n] for n in names[::-1]]
+    plan = adjustment_plan(names, "block", blocks=blocks)
+    # stem and classifier alone; a residual block's convs travel with its shortcut conv
+    assert plan[0] == ["conv1.weight"] and plan[-1] == ["fc.weight"]
+    assert plan[2] == ["layers.1.0.conv1.weight", "layers.1.0.conv2.weight",
+                       "layers.1.0.shortcut.0.weight"]
+    assert sum(plan, []) == names  # every tensor exactly once
+    assert adjustment_plan(names, "block", "layers.2.0, conv1", blocks) == [plan[3], plan[0]]
+    with pytest.raises(ValueError, match="layers.9.0"):
+        adjustment_plan(names, "block", "layers.9.0", blocks)
+    with pytest.raises(ValueError, match="granularity"):
+        adjustment_plan(names, "channel")

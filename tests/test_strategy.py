@@ -108,8 +108,12 @@ def test_fedtiny_topk_replies_are_checked_and_aggregated(core, caplog):
     from fedprune.fedtiny.progressive import Schedule
     from flwr.app import Array, ArrayRecord
 
-    strategy = SparseFedAvg(core, Schedule(rounds=4, delta_r=1, r_end=4, alpha=0.3))
-    layer, k = strategy._schedule(1)
+    from server.adjust import FedTinyAdjust
+
+    adjuster = FedTinyAdjust(core.cfg, core, Schedule(rounds=4, delta_r=1, r_end=4, alpha=0.3))
+    strategy = SparseFedAvg(core, adjuster)
+    plan = adjuster.plan(1)
+    [layer], [k] = plan["adjust-layers"], plan["adjust-ks"]
     assert layer == next(iter(core.masks)) and k > 0
     mask = core.masks[layer]
     pruned = np.flatnonzero(~mask.reshape(-1))

@@ -128,3 +128,52 @@ def prune_and_grow(weight: torch.Tensor, mask: torch.Tensor, grad_index: torch.T
     flat_m[grow] = True
     flat_w[grow] = 0
     return flat_w.view_as(weight), flat_m.view_as(mask)
+
+
+def tensor_blocks(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Masked tensor name -> the block it belongs to: its nearest ancestor module that is
+    neither the model itself nor a plain container (``nn.Sequential``/``ModuleList``/
+    ``ModuleDict``). A residual block's convs and its shortcut conv (inside a Sequential)
+    share the block; a stem conv, a classifier, or VGG's flat ``features`` layers, whose
+    only ancestor is the model, are blocks of their own."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        parts = name.split(".")[:-2]  # drop the layer's own name and "weight"
+        block = name.rsplit(".", 1)[0]
+        while parts:
+            path = ".".join(parts)
+            if not isinstance(modules[path], containers):
+                block = path
+                break
+            parts.pop()
+        out[name] = block
+    return out
+
+
+def adjustment_plan(names: list[str], granularity: str = "layer", order: str = "forward",
+                    blocks: dict[str, str] | None = None) -> list[list[str]]:
+    """The groups of masked tensors adjusted together, in visiting order.
+
+    ``granularity``: "layer" (one tensor per adjustment) or "block" (every tensor of one
+    block; ``blocks`` maps tensor -> block, see :func:`tensor_blocks`). ``order``:
+    "forward" (model order), "reverse", or comma-separated tensor or block names, each
+    naming a group exactly."""
+    if granularity not in ("layer", "block"):
+        raise ValueError(f"fedtiny.granularity={granularity!r}; choose 'layer' or 'block'")
+    if granularity == "block" and blocks is None:
+        raise ValueError("granularity='block' needs the tensor -> block map")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name if granularity == "layer" else blocks[name], []).append(name)
+    if order == "forward":
+        return list(groups.values())
+    if order == "reverse":
+        return list(groups.values())[::-1]
+    wanted = [w.strip() for w in order.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in groups]
+    if unknown or not wanted:
+        raise ValueError(f"fedtiny.order names {unknown or order!r}, which are not "
+                         f"{granularity}s of the model; valid: {list(groups)}")
+    return [groups[w] for w in wanted]

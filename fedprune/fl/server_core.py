@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig
+from ..config import CLIENT_SCORED, ExperimentConfig
 from ..data import make_loader, test_split
 from ..masks import (apply_masks_, count_flops, count_params, global_density, init_masks,
                      layer_densities)
 from ..masks import wire
+from ..masks.files import load_masks
 from ..models import build_model, input_shape
 from ..train import evaluate, select_device
 from .aggregate import weighted_average
@@ -45,8 +46,7 @@ class SparseServer:
         self.device = select_device(cfg.run.device)
         self.model = build_model(cfg.model, cfg.data.dataset)
         self.initial_state = model_state(self.model)  # dense: candidates start from it
-        masks = init_masks(self.model, cfg.mask.density, cfg.mask.init, seed=cfg.mask.seed,
-                           exclude=cfg.mask.exclude)
+        masks = initial_masks(self.model, cfg)
         apply_masks_(self.model, masks)
         self.masks_t = masks
         self.masks = {k: v.cpu().numpy().astype(bool) for k, v in masks.items()}
@@ -110,6 +110,18 @@ class SparseServer:
 
     def layer_densities(self) -> dict[str, float]:
         return layer_densities(self.masks_t)
+
+
+def initial_masks(model: torch.nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """Round-0 masks. Client-scored inits (SNIP, SynFlow) and gate training start dense:
+    their masks are installed later from the clients' replies."""
+    init = cfg.mask.init
+    if init == "file":
+        return load_masks(cfg.mask.file, model, cfg.mask.exclude)
+    if init in CLIENT_SCORED or cfg.gates.rounds:
+        init = "dense"
+    return init_masks(model, cfg.mask.density, init, seed=cfg.mask.seed,
+                      exclude=cfg.mask.exclude)
 
 
 def _prefixed(d: dict, prefix: str) -> dict[str, float]:

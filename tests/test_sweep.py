@@ -1,0 +1,290 @@
+"""Non-IID study harness: row configs, the sweep's commands and resume, the report's table.
+
+No training here: the report reads hand-written summary.json / metrics.csv files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedprune.config import load_config, to_flat_dict
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIRS = [REPO / "experiments" / "configs" / "noniid",
+               REPO / "experiments" / "configs" / "noniid_full"]
+ROWS = ("dense", "random", "erk", "snip", "synflow", "prunefl", "feddst", "gates",
+        "fedtiny", "reinit")
+ALL_CONFIGS = sorted(p for d in CONFIG_DIRS for p in d.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """The two experiment scripts, imported as the sweep imports them (script folder)."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import report_noniid
+        import sweep_noniid
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    return report_noniid, sweep_noniid
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_every_row_has_a_config_in_both_dirs():
+    for d in CONFIG_DIRS:
+        assert {p.stem for p in d.glob("*.yaml")} >= set(ROWS), d
+    full = {p.stem for p in CONFIG_DIRS[1].glob("*.yaml")}
+    assert {"dense_vgg11", "fedtiny_vgg11"} <= full
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_loads_and_defines_its_method(path):
+    cfg = load_config(str(path))
+    method = path.stem.split("_")[0]
+    dynamic = (cfg.fedtiny.delta_r > 0, cfg.dst.method != "none", cfg.gates.rounds > 0)
+    if method == "dense":
+        assert (cfg.mask.init, cfg.mask.density, sum(dynamic)) == ("dense", 1.0, 0)
+    elif method in ("random", "erk", "snip", "synflow"):
+        assert (cfg.mask.init, cfg.mask.density, sum(dynamic)) == (method, 0.05, 0)
+    elif method in ("prunefl", "feddst"):
+        assert (cfg.mask.init, cfg.dst.method) == ("erk", method)
+        assert cfg.dst.delta_r == (2 if cfg.fed.rounds == 12 else 10)
+    elif method == "gates":
+        assert cfg.mask.init == "dense" and cfg.mask.density == 0.05
+        assert cfg.gates.rounds == cfg.fed.rounds // 3
+    elif method == "fedtiny":
+        assert cfg.fedtiny.candidates == 5
+        assert cfg.fedtiny.delta_r == (1 if cfg.fed.rounds == 12 else 5)
+        assert cfg.mask.init == "erk" and cfg.dst.method == "none"
+    elif method == "reinit":
+        assert cfg.mask.init == "file" and cfg.run.seed == 1 and sum(dynamic) == 0
+        assert cfg.mask.file.endswith("fedtiny-a0.5-d0.05/mask.safetensors")
+    else:
+        pytest.fail(f"unknown row {path.stem}")
+    assert (cfg.data.partitioner, cfg.data.alpha) == ("dirichlet", 0.5)
+    assert cfg.run.name.startswith(path.stem + "-a0.5-d")
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_budget_and_header(path):
+    cfg = load_config(str(path))
+    text = path.read_text()
+    assert f"fedprune run experiments/configs/{path.parent.name}/{path.name}" in text
+    assert "experiments/sweep_noniid.py" in text
+    assert "# result: (filled by report_noniid.py's table" in text
+    if path.parent.name == "noniid":
+        budget = (cfg.model.name, cfg.model.width, cfg.data.num_clients, cfg.data.train_subset,
+                  cfg.data.test_subset, cfg.fed.rounds, cfg.fed.fraction_train)
+        assert budget == ("resnet8", 16, 10, 5000, 2000, 12, 1.0)
+    else:
+        assert cfg.model.name == ("vgg11_bn" if "vgg11" in path.stem else "resnet18")
+        budget = (cfg.model.width, cfg.data.num_clients, cfg.data.train_subset, cfg.fed.rounds,
+                  cfg.fed.fraction_train, cfg.run.device)
+        assert budget == (64, 100, 0, 300, 0.1, "auto")
+        assert "Untested on a GPU" in text
+    assert (cfg.train.local_epochs, cfg.train.batch_size, cfg.train.lr) == (1, 32, 0.05)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def _dry_run(tools, capsys, *args: str) -> list[str]:
+    _, sweep = tools
+    assert sweep.main(["--dry-run", *args]) == 0
+    return [ln for ln in capsys.readouterr().out.splitlines() if ln]
+
+
+def test_dry_run_commands_and_reinit_mask_file(tools, capsys, tmp_path):
+    lines = _dry_run(tools, capsys, "--methods", "reinit", "fedtiny", "dense", "--alphas",
+                     "0.5", "iid", "--densities", "0.01", "0.1", "--out", str(tmp_path),
+                     "--set", "train.lr=0.1")
+    runs = tmp_path.resolve() / "runs"
+    cmds = [shlex.split(ln) for ln in lines]
+    names = [c[-1].removeprefix("run.name=") for c in cmds]
+    assert names == ["dense-a0.5-d1.0", "fedtiny-a0.5-d0.01", "reinit-a0.5-d0.01",
+                     "fedtiny-a0.5-d0.1", "reinit-a0.5-d0.1", "dense-aiid-d1.0",
+                     "fedtiny-aiid-d0.01", "reinit-aiid-d0.01", "fedtiny-aiid-d0.1",
+                     "reinit-aiid-d0.1"]
+    cfg_dir = REPO / "experiments" / "configs" / "noniid"
+    assert cmds[2] == [sys.executable, "-m", "fedprune.cli", "run", str(cfg_dir / "reinit.yaml"),
+                       "data.partitioner=dirichlet", "data.alpha=0.5", "mask.density=0.01",
+                       f"mask.file={runs / 'fedtiny-a0.5-d0.01' / 'mask.safetensors'}",
+                       "train.lr=0.1", f"run.out_dir={runs}", "run.name=reinit-a0.5-d0.01"]
+    assert cmds[0][4:] == [str(cfg_dir / "dense.yaml"), "data.partitioner=dirichlet",
+                           "data.alpha=0.5", "train.lr=0.1", f"run.out_dir={runs}",
+                           "run.name=dense-a0.5-d1.0"]
+    assert cmds[6][5:7] == ["data.partitioner=iid", "mask.density=0.01"]
+    assert f"mask.file={runs / 'fedtiny-aiid-d0.1' / 'mask.safetensors'}" in cmds[9]
+
+
+def test_rounds_override_scales_gates(tools, capsys, tmp_path):
+    lines = _dry_run(tools, capsys, "--methods", "gates", "--alphas", "0.1", "--densities",
+                     "0.05", "--rounds", "6", "--out", str(tmp_path))
+    assert "fed.rounds=6 gates.rounds=2" in lines[0]  # 4 of 12 -> 2 of 6
+    lines = _dry_run(tools, capsys, "--methods", "gates", "--alphas", "0.1", "--densities",
+                     "0.05", "--set", "fed.rounds=2", "--out", str(tmp_path))
+    assert lines[0].endswith(f"fed.rounds=2 gates.rounds=1 run.out_dir={tmp_path.resolve()}"
+                             "/runs run.name=gates-a0.1-d0.05")
+
+
+def _fake_summary(tools, run: Path, cell_args: list[str], rounds: int, **changes) -> None:
+    """A summary.json whose config is what the sweep would run, with ``changes``."""
+    config = to_flat_dict(load_config(*cell_args))
+    config.update(changes)
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"rounds": rounds, "config": config,
+                                                  "final_accuracy": 0.5}))
+
+
+def test_resume_skips_only_matching_finished_cells(tools, capsys, tmp_path):
+    runs = tmp_path.resolve() / "runs"
+    erk = str(REPO / "experiments" / "configs" / "noniid" / "erk.yaml")
+    common = ["data.partitioner=dirichlet", "data.alpha=0.5"]
+    _fake_summary(tools, runs / "erk-a0.5-d0.05", [erk, common + ["mask.density=0.05"]], 12)
+    _fake_summary(tools, runs / "erk-a0.5-d0.1", [erk, common + ["mask.density=0.1"]], 5)
+    _fake_summary(tools, runs / "erk-a0.5-d0.01", [erk, common + ["mask.density=0.01"]], 12,
+                  **{"train.lr": 0.2})
+    lines = _dry_run(tools, capsys, "--methods", "erk", "--alphas", "0.5", "--out",
+                     str(tmp_path))
+    assert lines[0].endswith("run.name=erk-a0.5-d0.01")  # lr differs: runs again
+    assert lines[1] == "# skip erk-a0.5-d0.05 (finished: summary.json with 12 rounds)"
+    assert lines[2].endswith("run.name=erk-a0.5-d0.1")  # 5 of 12 rounds: runs again
+
+
+def test_unknown_method_exits(tools, tmp_path):
+    _, sweep = tools
+    with pytest.raises(SystemExit, match="no config for"):
+        sweep.main(["--dry-run", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_failing_cell_writes_error_log(tools, tmp_path):
+    _, sweep = tools
+    cell = sweep.Cell("reinit", "0.5", "0.1", tmp_path / "x.yaml", (),
+                      mask_from="fedtiny-a0.5-d0.1")
+    reason = sweep.run_cell(cell, tmp_path / "runs" / cell.name, timeout=None)
+    assert "fedtiny-a0.5-d0.1 has not finished" in reason
+    log = (tmp_path / "runs" / cell.name / "error.log").read_text()
+    assert log.startswith("command: ") and "fedtiny-a0.5-d0.1 has not finished" in log
+
+
+# ----------------------------------------------------------------------------- report
+
+# (run name, final acc, best acc, achieved density, flops, bytes, wall, per-round accuracy)
+FAKE = [
+    ("dense-a0.5-d1.0", 0.6000, 0.6100, 1.0, 1.0, 1.0, 100.0, [0.1, 0.4, 0.6]),
+    ("erk-a0.5-d0.05", 0.4000, 0.4200, 0.05, 0.08, 0.06, 50.0, [0.1, 0.3, 0.4]),
+    ("random-a0.5-d0.05", 0.4500, 0.4500, 0.05, 0.05, 0.055, 40.0, [0.1, 0.35, 0.45]),
+    ("fedtiny-a0.5-d0.05", 0.4321, 0.4400, 0.0512, 0.07, 0.07, 60.0, [0.1, 0.38, 0.4321]),
+    ("erk-aiid-d0.1", 0.5500, 0.5600, 0.1, 0.12, 0.11, 55.0, [0.1, 0.5, 0.55]),
+]
+
+
+def _write_fake_runs(runs: Path) -> None:
+    for name, final, best, dens, flops, sent, wall, curve in FAKE:
+        run = runs / name
+        run.mkdir(parents=True)
+        config = {"model.name": "resnet8", "fed.rounds": len(curve) - 1}
+        (run / "summary.json").write_text(json.dumps({
+            "rounds": len(curve) - 1, "final_accuracy": final, "best_accuracy": best,
+            "density": dens, "flops_vs_dense": flops, "bytes_vs_dense": sent,
+            "wall_seconds": wall, "config": config}))
+        with open(run / "metrics.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["round", "accuracy", "loss"])
+            writer.writerows([r, a, 1.0] for r, a in enumerate(curve))
+    failed = runs / "reinit-a0.5-d0.05"
+    failed.mkdir()
+    (failed / "error.log").write_text("command: x\nValueError: mask.init='file' unknown\n")
+
+
+def test_build_report_csv_table_and_plots(tools, tmp_path):
+    report, _ = tools
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write_fake_runs(runs)
+    result = report.build_report(runs, out, memory_json=tmp_path / "no-memory.json")
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["alpha"], r["density"]) for r in rows] == [
+        ("dense", "0.5", "1.0"), ("random", "0.5", "0.05"), ("erk", "0.5", "0.05"),
+        ("fedtiny", "0.5", "0.05"), ("erk", "iid", "0.1")]
+    assert rows[3] == {"method": "fedtiny", "alpha": "0.5", "density": "0.05",
+                       "final_accuracy": "0.4321", "best_accuracy": "0.44",
+                       "achieved_density": "0.0512", "flops_vs_dense": "0.07",
+                       "bytes_vs_dense": "0.07", "wall_seconds": "60.0", "rounds": "2",
+                       "run": "fedtiny-a0.5-d0.05"}
+
+    md = (out / "results.md").read_text()
+    assert md == result["markdown"]
+    table_05 = md.split("## Dirichlet alpha = 0.5")[1].split("##")[0]
+    assert "| method | density 0.05 | density 0.1 |" in table_05
+    assert "| dense | 60.00 | 60.00 |" in table_05  # repeated in every column
+    assert "| random | **45.00** | — |" in table_05  # best baseline, bold
+    assert "| erk | 40.00 | — |" in table_05
+    assert "| fedtiny | 43.21 | — |" in table_05
+    assert "| reinit | — | — |" in table_05  # failed: a dash, listed below
+    assert "fedtiny minus the best baseline: 0.05: -1.79 pp (vs random 45.00); 0.1: —" in table_05
+    assert "fedtiny minus dense: 0.05: -16.79 pp; 0.1: —" in table_05
+    table_iid = md.split("## IID")[1].split("##")[0]
+    assert "| erk | — | **55.00** |" in table_iid
+    assert "| dense | — | — |" in table_iid
+    assert "`reinit-a0.5-d0.05`: failed" in md and "mask.init='file' unknown" in md
+    assert "no-memory.json does not exist" in md
+
+    for png in ("acc_vs_density.png", "acc_vs_round.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "client_memory.png").exists()
+    assert "alpha = 0.5, density 0.05" in md  # acc_vs_round's cell
+
+
+def test_report_uses_sweep_record_for_command_machine_and_grid(tools, tmp_path):
+    report, _ = tools
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write_fake_runs(runs)
+    out.mkdir()
+    (out / "sweep.json").write_text(json.dumps({
+        "invocations": [{"command": "experiments/sweep_noniid.py --rounds 2"}],
+        "machine": "x86_64, test CPU, 2 cores", "methods": ["dense", "erk", "snip"],
+        "alphas": ["0.1", "0.5"], "densities": ["0.01", "0.05"]}))
+    md = report.build_report(runs, out, memory_json=None)["markdown"]
+    assert "Sweep command: `experiments/sweep_noniid.py --rounds 2`" in md
+    assert "Machine: x86_64, test CPU, 2 cores" in md
+    table_01 = md.split("## Dirichlet alpha = 0.1")[1].split("##")[0]
+    assert "| method | density 0.01 | density 0.05 | density 0.1 |" in table_01
+    assert "| snip | — | — | — |" in table_01
+
+
+def test_memory_plot_drawn_or_skipped(tools, tmp_path):
+    report, _ = tools
+    good = tmp_path / "memory.json"  # bench_memory.py's layout
+    good.write_text(json.dumps({"command": "x", "rows": [
+        {"model": "resnet8", "density": 1.0, "method": "dense", "params_bytes": 7,
+         "step_peak_bytes": 3_000_000, "step_rss_bytes": None},
+        {"model": "resnet8", "density": 0.05, "method": "fedtiny", "params_bytes": 7,
+         "step_peak_bytes": 1_500_000, "step_rss_bytes": 9}]}))
+    assert report.parse_memory(json.loads(good.read_text())) == [
+        ("dense resnet8 d=1", 3.0), ("fedtiny resnet8 d=0.05", 1.5)]
+    assert report.parse_memory([{"name": "a", "mem_mb": 4}]) == [("a", 4.0)]
+    path, note = report.plot_client_memory(good, tmp_path / "client_memory.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    for odd in ({"whatever": 1}, {"rows": [{"method": "x", "seconds": 2}]}, [1, 2]):
+        (tmp_path / "odd.json").write_text(json.dumps(odd))
+        path, note = report.plot_client_memory(tmp_path / "odd.json", tmp_path / "odd.png")
+        assert path is None and "format this report does not know" in note
+    assert not (tmp_path / "odd.png").exists()
+
+
+def test_resume_compares_mask_file_as_a_path(tools):
+    _, sweep = tools
+    rel = "experiments/results/noniid/runs/fedtiny-a0.5-d0.05/mask.safetensors"
+    assert sweep._same("mask.file", rel, str(REPO / rel))
+    assert not sweep._same("mask.file", rel, str(REPO / rel.replace("d0.05", "d0.1")))
+    assert not sweep._same("train.lr", 0.05, 0.1)
