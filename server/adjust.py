@@ -110,6 +110,14 @@ class Adjuster:
         self.plans[server_round] = plan
         return plan
 
+    def _install(self, masks: dict, state: dict, stats: dict) -> dict:
+        """Make ``masks`` (every layer re-selected) the global mask; record how many moved."""
+        moved = sum(int((np.asarray(masks[n]) & ~self.core.masks[n]).sum()) for n in masks)
+        self.core.set_masks({n: torch.from_numpy(np.asarray(m)) for n, m in masks.items()},
+                            state)
+        stats.update(adjusted_layer="all", adjusted_k=moved)
+        return self.core.state
+
     def _moves(self, server_round: int, layers: list[str]) -> dict[str, Any] | None:
         """A plan moving K = alpha_t * active weights in each of ``layers`` (K > 0 only)."""
         from fedprune.fl.dynamic import layer_moves
@@ -192,11 +200,7 @@ class PruneFLAdjust(Adjuster):
         importance = {n: average_scores([r.extra[n] for r in accepted], weights)
                       for n in self.core.masks}
         new_state, masks = prunefl_reselect(state, self.core.masks, importance)
-        moved = sum(int((masks[n] & ~self.core.masks[n]).sum()) for n in masks)
-        self.core.set_masks({n: torch.from_numpy(np.asarray(m)) for n, m in masks.items()},
-                            new_state)
-        stats.update(adjusted_layer="all", adjusted_k=moved)
-        return self.core.state
+        return self._install(masks, new_state, stats)
 
 
 @register_adjuster("feddst")
@@ -223,11 +227,7 @@ class FedDSTAdjust(Adjuster):
         counts = {n: int(m.sum()) for n, m in self.core.masks.items()}
         masks = vote_masks([r.masks for r in accepted], weights, counts,
                            {n: averaged[n] for n in counts})
-        moved = sum(int((masks[n] & ~self.core.masks[n]).sum()) for n in masks)
-        self.core.set_masks({n: torch.from_numpy(np.asarray(m)) for n, m in masks.items()},
-                            averaged)
-        stats.update(adjusted_layer="all", adjusted_k=moved)
-        return self.core.state
+        return self._install(masks, averaged, stats)
 
 
 @register_adjuster("gates")

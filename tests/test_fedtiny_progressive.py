@@ -103,3 +103,14 @@ def test_adjustment_plan_layers_blocks_and_order():
         adjustment_plan(names, "block", "layers.9.0", blocks)
     with pytest.raises(ValueError, match="granularity"):
         adjustment_plan(names, "channel")
+
+
+def test_chunked_topk_matches_one_call():
+    from fedprune.fedtiny import progressive
+
+    gen = torch.Generator().manual_seed(3)
+    flat = torch.randn(3 * progressive.CHUNK + 123, generator=gen)
+    for k, largest in ((1, True), (500, False), (5000, True)):
+        got = progressive.topk_indices(flat, k, largest)
+        want = torch.topk(flat, k, largest=largest).indices
+        assert sorted(got.tolist()) == sorted(want.tolist())

@@ -50,6 +50,30 @@ class Schedule:
         return max(0, min(k, active, pruned))
 
 
+CHUNK = 1 << 16  # elements per top-k pass on CPU
+
+
+def topk_indices(flat: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``k`` largest (or smallest) entries of a 1-D tensor.
+
+    On CPU, ``torch.topk`` sorts in a native scratch buffer of about 16 bytes per *input*
+    element (invisible to the profiler, measured by RSS: 38 MB for one ResNet-18 layer),
+    so the layer is ranked in chunks of ``CHUNK`` elements with a running top-k: scratch
+    is bounded by the chunk plus 2k. On CUDA one call is cheap and exact, so no chunks."""
+    n = flat.numel()
+    if flat.device.type != "cpu" or n <= CHUNK:
+        return torch.topk(flat, k, largest=largest).indices
+    best_val, best_idx = flat[:0], torch.empty(0, dtype=torch.long)
+    for start in range(0, n, CHUNK):
+        part = flat[start:start + CHUNK]  # a view
+        top = torch.topk(part, min(k, part.numel()), largest=largest)
+        vals = torch.cat([best_val, top.values])  # (<= 2k,)
+        idx = torch.cat([best_idx, top.indices + start])
+        keep = torch.topk(vals, min(k, vals.numel()), largest=largest).indices
+        best_val, best_idx = vals[keep], idx[keep]
+    return best_idx
+
+
 class TopKBuffer:
     """The K pruned positions with the largest accumulated gradient, and nothing more.
 
@@ -64,6 +88,7 @@ class TopKBuffer:
         if not 0 <= k <= mask.numel():
             raise ValueError(f"K={k} must be in [0, {mask.numel()}] (the layer's size)")
         self.k, self.numel = k, mask.numel()
+        # int64 on purpose: indexing with int32 makes an int64 copy of the index every step
         self.kept = mask.reshape(-1).nonzero().squeeze(1)  # (active,)
         self.index = torch.empty(0, dtype=torch.long)
         self.value = torch.empty(0)
@@ -76,8 +101,8 @@ class TopKBuffer:
         flat = grad.view(-1)  # (numel,) a view: no copy
         saved = flat[self.kept]  # (active,)
         flat[self.kept] = 0  # only pruned positions compete
-        top = torch.topk(flat, self.k).indices  # largest positive (k,)
-        bottom = torch.topk(flat, self.k, largest=False).indices  # most negative (k,)
+        top = topk_indices(flat, self.k, largest=True)  # largest positive (k,)
+        bottom = topk_indices(flat, self.k, largest=False)  # most negative (k,)
         idx = torch.cat([self.index.to(flat.device), top, bottom])
         val = torch.cat([self.value.to(flat), flat[top], flat[bottom]])
         flat[self.kept] = saved  # the optimizer step needs the kept positions' gradient
