@@ -100,7 +100,7 @@ def markdown(rows: list[dict], ratio_rows: list[dict], info: dict) -> str:
         f"{info['machine']['torch']}, {info['machine']['torch_threads']} threads, "
         f"device {info['device']}, batch {info['batch_size']}, CIFAR-10 shape, random batch.",
         "", "MB = 10^6 bytes. *Step* = peak tensor storage of one local step above the "
-        "parameters (activations, gradients, momentum, train_local's float masks, the "
+        "parameters (activations, gradients, momentum, train_local's bool masks, the "
         "method's bookkeeping). *Pruning* = the bookkeeping alone over two `add_` calls on a "
         "real gradient (tensor peak; *held* = what stays between steps). RSS = process "
         "peak resident set above the start (sees native scratch, e.g. CPU `torch.topk`'s "

@@ -41,13 +41,13 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     core = SparseServer(cfg)
     recorder = RunRecorder(run_dir, to_yaml(cfg))
     partition_report(cfg.data, recorder.dir)
-    selection = None
+    selection = {}  # query rounds before training, by their record name
     if cfg.mask.init in CLIENT_SCORED:  # SNIP / SynFlow scored by the clients
-        selection = client_scored_masks(grid, cfg, core)
-        (recorder.dir / "score_init.json").write_text(json.dumps(selection, indent=2))
+        selection["score_init"] = client_scored_masks(grid, cfg, core)
     if cfg.fedtiny.candidates:  # FedTiny coarse pruning: replaces the mask.init mask
-        selection = adaptive_bn_selection(grid, cfg, core)
-        (recorder.dir / "bn_selection.json").write_text(json.dumps(selection, indent=2))
+        selection["bn_selection"] = adaptive_bn_selection(grid, cfg, core)
+    for name, record in selection.items():
+        (recorder.dir / f"{name}.json").write_text(json.dumps(record, indent=2))
     strategy = make_strategy(cfg, core)
     cost = core.cost()
     dense_bytes = record_bytes(to_record(core.state))  # one dense model, serialized
@@ -80,8 +80,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     recorder.save_model(final, core.masks)
     recorder.plot_accuracy()
     summary = summarize(recorder.rows, core.cost(), dense_bytes, core.layer_densities(), cfg)
-    if selection is not None:
-        summary["bn_selection"] = selection
+    summary.update(selection)
     recorder.write_summary(summary)
     print_summary(summary, recorder.dir)
     return summary

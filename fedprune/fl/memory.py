@@ -180,7 +180,7 @@ def step_memory(model_cfg: ModelConfig, dataset: str, density: float, method: st
     """Peak memory of one local training step, the pruning memory and the FLOPs of ``method``.
 
     ``step_peak_bytes``: forward, backward, optimizer step (momentum created by
-    ``train_local``'s fresh optimizer), the float masks ``train_local`` builds, and the
+    ``train_local``'s fresh optimizer), the bool masks ``train_local`` builds, and the
     method's bookkeeping (built inside the step); not the parameters, the bool masks or the
     batch (live before). The second step is measured, after a warm-up step.
     ``pruning_peak_bytes``: the bookkeeping alone (its state plus the temporaries of two
