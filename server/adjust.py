@@ -236,11 +236,13 @@ class GatesAdjust(Adjuster):
 
     def __init__(self, cfg: ExperimentConfig, core: SparseServer) -> None:
         super().__init__(cfg, core)
-        from fedprune.fl.gates import attach_gates
+        from fedprune.fl.gates import attach_gates, gate_masks
 
         gates = attach_gates(core.model)
         self.gates = gates.values()  # the consensus gates, sent down every gate round
         gates.remove()
+        # fail before any round when mask.density cannot keep one channel per gated layer
+        gate_masks(core.model, self.gates, cfg.mask.density)
 
     def plan(self, server_round: int) -> dict[str, Any] | None:
         if server_round > self.cfg.gates.rounds:

@@ -106,3 +106,9 @@ def test_client_refuses_k_beyond_the_growable_positions():
     with pytest.raises(ValueError, match="adjust-method"):
         make_client_adjust({"adjust-method": "nope"}, core.cfg, core.model, masks, {},
                            torch.device("cpu"))
+
+
+def test_gates_refuse_an_unreachable_density_before_any_round():
+    core = _core("gates.rounds=2", "mask.density=0.01")
+    with pytest.raises(ValueError, match="mask.density=0.01 keeps 13 of 1326"):
+        make_adjuster(core.cfg, core)

@@ -64,6 +64,9 @@ def test_config_loads_and_defines_its_method(path):
         assert cfg.fedtiny.candidates == 5
         assert cfg.fedtiny.delta_r == (1 if cfg.fed.rounds == 12 else 5)
         assert cfg.mask.init == "erk" and cfg.dst.method == "none"
+    elif method == "progonly":  # ablation: progressive pruning from ERK, no BN selection
+        assert cfg.fedtiny.candidates == 0 and cfg.fedtiny.delta_r == 1
+        assert cfg.mask.init == "erk" and cfg.dst.method == "none"
     elif method == "reinit":
         assert cfg.mask.init == "file" and cfg.run.seed == 1 and sum(dynamic) == 0
         assert cfg.mask.file.endswith("fedtiny-a0.5-d0.05/mask.safetensors")
