@@ -1,7 +1,9 @@
 """A client's side of sparse federated training, without Flower.
 
 The client rebuilds the model, decodes the global weights and mask, trains on its own
-partition only with the mask enforced, and returns only the kept values.
+partition only with the mask enforced, and returns only the kept values (plus what the
+round's mask-adjustment method asks for: ``client_adjust.py``). Before training it can
+also score the dense initial model for SNIP / SynFlow masks (``client_scores``).
 """
 
 from __future__ import annotations
