@@ -171,9 +171,8 @@ class FedTinyAdjust(Adjuster):
         return state
 
 
-@register_adjuster("prunefl")
-class PruneFLAdjust(Adjuster):
-    """Dense squared gradients of every masked tensor up; per-layer re-selection."""
+class _DstAdjust(Adjuster):
+    """A baseline on the ``dst`` schedule: every delta_r rounds before r_end."""
 
     def __init__(self, cfg: ExperimentConfig, core: SparseServer) -> None:
         super().__init__(cfg, core)
@@ -182,7 +181,15 @@ class PruneFLAdjust(Adjuster):
     def plan(self, server_round: int) -> dict[str, Any] | None:
         if not self.schedule.adjusts(server_round):
             return None
+        return self._plan_round(server_round)
+
+    def _plan_round(self, server_round: int) -> dict[str, Any] | None:
         return self._planned(server_round, {"adjust-method": self.name})
+
+
+@register_adjuster("prunefl")
+class PruneFLAdjust(_DstAdjust):
+    """Dense squared gradients of every masked tensor up; per-layer re-selection."""
 
     def parse(self, content: RecordDict, client: str, server_round: int) -> Any:
         if "dst" not in content.array_records:
@@ -204,18 +211,12 @@ class PruneFLAdjust(Adjuster):
 
 
 @register_adjuster("feddst")
-class FedDSTAdjust(Adjuster):
+class FedDSTAdjust(_DstAdjust):
     """Clients prune-and-grow locally and send their own mask; server votes."""
 
     reply_format = "down"
 
-    def __init__(self, cfg: ExperimentConfig, core: SparseServer) -> None:
-        super().__init__(cfg, core)
-        self.schedule = _schedule(cfg, cfg.dst)
-
-    def plan(self, server_round: int) -> dict[str, Any] | None:
-        if not self.schedule.adjusts(server_round):
-            return None
+    def _plan_round(self, server_round: int) -> dict[str, Any] | None:
         return self._moves(server_round, list(self.core.masks))
 
     def aggregate(self, server_round: int, accepted: list, state: dict, stats: dict) -> dict:
