@@ -29,6 +29,7 @@ from fedprune.masks import (
     topk_mask,
     uniform_counts,
 )
+from torch_helpers import linear
 
 
 def tiny_cnn() -> nn.Module:
@@ -42,14 +43,6 @@ def tiny_cnn() -> nn.Module:
 
 
 CNN_PRUNABLE = {"0.weight": 216, "3.0.weight": 1152, "6.weight": 640}
-
-
-def linear(weight: list[list[float]]) -> nn.Linear:
-    w = torch.tensor(weight)
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(w)
-    return layer
 
 
 def two_linear(a: list[list[float]], b: list[list[float]]) -> nn.Module:

@@ -17,14 +17,7 @@ from fedprune.masks.saliency import (
     synflow_scores,
 )
 from fedprune.models import build_model
-
-
-def linear(weight: list[list[float]]) -> nn.Linear:
-    w = torch.tensor(weight)
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(w)
-    return layer
+from torch_helpers import linear
 
 
 def tiny_bn_cnn() -> nn.Module:
