@@ -20,7 +20,8 @@ app = ClientApp()
 
 def _unpack(msg: Message, context: Context):
     conf = msg.content["config"]
-    cfg = from_yaml(str(conf["fedprune-config"]))
+    raw = conf["fedprune-config"]  # UTF-8 YAML bytes (server/records.py)
+    cfg = from_yaml(raw.decode() if isinstance(raw, bytes) else str(raw))
     torch.set_num_threads(cfg.sim.torch_threads)
     pid = int(context.node_config["partition-id"])
     check_partition(cfg, pid, int(context.node_config["num-partitions"]))

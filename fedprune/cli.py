@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, to_yaml, with_absolute_paths
 
 
 def _split(args: list[str]) -> tuple[str, list[str]]:
@@ -26,14 +26,28 @@ def _split(args: list[str]) -> tuple[str, list[str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     name, overrides = _split(args.items)
-    cfg = load_config(name, overrides)
+    # absolute paths: the ServerApp and ClientApps do not run in this directory
+    cfg = with_absolute_paths(load_config(name, overrides))
+    from .data.sources import resolve_data_root
     from .fl.rundir import new_run_dir
+
+    try:  # a wrong data root fails here, not after Flower and Ray have started
+        resolve_data_root(cfg.data.root)
+    except FileNotFoundError as err:
+        print(f"fedprune: {err}", file=sys.stderr)
+        return 2
 
     run_dir = new_run_dir(cfg, name)
     print(f"[fedprune] config {name!r}, writing to {run_dir}", flush=True)
-    from server.simulate import simulate  # Flower only from here on
+    if args.show_config:
+        print(to_yaml(cfg), flush=True)
+    from server.simulate import SimulationError, simulate  # Flower only from here on
 
-    simulate(cfg, run_dir)
+    try:
+        simulate(cfg, run_dir, verbose=args.verbose)
+    except SimulationError as err:
+        print(f"fedprune run: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="CONFIG|key=value",
                      help="config name in experiments/configs/ or a YAML path "
                           "(default: 'default'), then key=value overrides")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also stream Flower's own log (SuperLink, ServerApp, Ray, clients) "
+                          "to the screen; it always goes to <run dir>/flower.log")
+    run.add_argument("--show-config", action="store_true",
+                     help="print the resolved config before the run (always in config.yaml)")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("partition-report",
                          help="per-client sizes and label histograms of a config's partition")

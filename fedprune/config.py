@@ -8,6 +8,7 @@ One bridge (:func:`from_run_config`) turns Flower's flat ``run_config`` into the
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -241,12 +242,15 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class SimConfig:
-    client_cpus: float = 1.0  # Ray resources per virtual client (2 cores -> 2 in parallel)
-    client_gpus: float = 0.0
+    # Ray resources per virtual client (2 cores -> 2 clients in parallel). Whole CPUs:
+    # Flower's simulation config (`flwr run --federation-config`) takes an integer.
+    client_cpus: int = 1
+    client_gpus: float = 0.0  # a share of one GPU, e.g. 0.25
     torch_threads: int = 1  # torch threads inside each client (avoid oversubscription)
 
     def __post_init__(self) -> None:
-        _check("sim.client_cpus", self.client_cpus > 0, "must be > 0", self.client_cpus)
+        _check("sim.client_cpus", isinstance(self.client_cpus, int) and self.client_cpus >= 1,
+               "must be a whole number >= 1", self.client_cpus)
         _check("sim.client_gpus", self.client_gpus >= 0, "must be >= 0", self.client_gpus)
         _check("sim.torch_threads", self.torch_threads >= 1, "must be >= 1", self.torch_threads)
 
@@ -415,12 +419,33 @@ def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+RUN_CONFIG_KEYS = ("config", "overrides", "run_dir")
+
+
 def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
     """Bridge from Flower's flat ``run_config``: ``config`` names the YAML, ``overrides``
-    holds space-separated ``key=value`` pairs (pyproject's [tool.flwr.app.config])."""
-    unknown = sorted(set(run_config) - {"config", "overrides"})
+    holds space-separated ``key=value`` pairs (pyproject's [tool.flwr.app.config]);
+    ``run_dir`` (read by the ServerApp, not part of the experiment) names the run folder."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
-        raise ConfigError(f"unknown run_config keys {unknown}; valid keys: ['config', 'overrides']")
+        raise ConfigError(f"unknown run_config keys {unknown}; valid keys: {list(RUN_CONFIG_KEYS)}")
     name = str(run_config.get("config", "") or "") or None
     overrides = str(run_config.get("overrides", "") or "").split()
     return load_config(name, overrides)
+
+
+# Settings that name files or folders: relative to the directory of the command that
+# read them, so they are made absolute before a config goes to a process running elsewhere.
+PATH_KEYS = ("data.root", "data.cache_dir", "mask.file", "run.out_dir")
+
+
+def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
+    """A copy of ``cfg`` whose non-empty path settings are absolute (against ``base`` or cwd)."""
+    base = Path.cwd() if base is None else base
+    out = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if value:
+            setattr(getattr(out, section), name, str((base / Path(value).expanduser()).resolve()))
+    return out

@@ -7,7 +7,7 @@ import random
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedprune.config import CLIENT_SCORED, ExperimentConfig, to_yaml
@@ -19,6 +19,7 @@ from fedprune.fl.summary import print_round, print_summary, summarize
 from .adjust import make_adjuster
 from .fedtiny import adaptive_bn_selection
 from .init_scores import client_scored_masks
+from .records import config_record
 from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
 
 
@@ -72,8 +73,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict:
     result = strategy.start(
         grid=grid, initial_arrays=to_record(core.state), num_rounds=cfg.fed.rounds,
         timeout=cfg.fed.round_timeout,
-        train_config=ConfigRecord({"fedprune-config": to_yaml(cfg)}),
-        evaluate_config=ConfigRecord({"fedprune-config": to_yaml(cfg)}),
+        train_config=config_record(cfg), evaluate_config=config_record(cfg),
         evaluate_fn=evaluate_fn,
     )
     final = to_numpy(result.arrays) if result.arrays is not None else core.state

@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from logging import WARNING
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.config import ExperimentConfig
 
-from .records import record_bytes, to_record
+from .records import config_record, record_bytes, to_record
 
 
 def wait_for_nodes(grid: Grid, count: int) -> list[int]:
@@ -29,7 +29,7 @@ def ask(grid: Grid, cfg: ExperimentConfig, nodes: list[int], kind: str, arrays: 
         meter: dict) -> list[Message]:
     """Send ``arrays`` to every node as ``query.<kind>``; the replies without errors."""
     record = to_record(arrays)
-    conf = ConfigRecord({"fedprune-config": to_yaml(cfg)})
+    conf = config_record(cfg)
     messages = [Message(RecordDict({"arrays": record, "config": conf}),
                         message_type=f"query.{kind}", dst_node_id=n) for n in nodes]
     meter["bytes_down"] += len(nodes) * record_bytes(record)

@@ -1,8 +1,16 @@
-"""Flower ArrayRecord <-> numpy dicts, and their serialized size."""
+"""Flower records: ArrayRecord <-> numpy dicts and their serialized size; the config record."""
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedprune.config import ExperimentConfig, to_yaml
+
+
+def config_record(cfg: ExperimentConfig) -> ConfigRecord:
+    """The experiment config every message carries, as UTF-8 YAML bytes: Flower's strategy
+    start-up log prints a ConfigRecord's strings in full but bytes as '<bytes>'."""
+    return ConfigRecord({"fedprune-config": to_yaml(cfg).encode()})
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -2,9 +2,13 @@
 
 The run config bridge: ``config`` names a YAML in experiments/configs/ (or a path),
 ``overrides`` holds space-separated key=value pairs; see fedprune.config.from_run_config.
+``run_dir`` names the run folder (``fedprune run`` sets it); empty: a new folder under
+``run.out_dir``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -20,4 +24,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(dict(context.run_config))
-    run_server(grid, cfg, new_run_dir(cfg, str(context.run_config.get("config", ""))))
+    run_dir = str(context.run_config.get("run_dir", "") or "")
+    run_server(grid, cfg, Path(run_dir) if run_dir else
+               new_run_dir(cfg, str(context.run_config.get("config", ""))))

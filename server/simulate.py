@@ -1,57 +1,328 @@
-"""Run an experiment as an in-process Flower simulation (what `fedprune run` calls).
+"""Run an experiment as a Flower simulation on Flower's supported path (what `fedprune run`
+and the end-to-end tests call).
 
-Uses ``flwr.simulation.run_simulation`` (Ray backend) with a ServerApp that closes over
-the already-validated config, so nothing is parsed twice. ``flwr run .`` reaches the same
-``run_server`` through server/server_app.py instead.
+``flwr run`` against a SuperLink in simulation mode, the path Flower documents since
+``run_simulation`` was deprecated, but with everything private to this run: a SuperLink on
+a free loopback port, its own ``FLWR_HOME`` and a generated app folder whose run config
+points the ServerApp at this run's resolved ``config.yaml`` and run directory. Flower's own
+output (SuperLink, ServerApp, Ray, ClientApps) goes to ``superlink.log`` and ``flower.log``
+in the run directory; the screen gets one line per round, read from ``metrics.jsonl`` as
+the ServerApp writes it, and the final table. ``verbose=True`` streams Flower's log too.
+
+Every process the SuperLink started (SuperExec, the simulation, Ray) is stopped when the
+run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
+import psutil
 
-from fedprune.config import ExperimentConfig
+from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.fl.summary import print_round, print_summary
 
-from .experiment import run_server
-
-# Never let Flower install dependencies, phone home or check for updates (flower.md).
+# Never let Flower install dependencies, phone home or check for updates (flower.md);
+# Ray's FutureWarning about accelerator variables is answered by setting it.
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-              "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+              "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+CONNECTION = "fedprune-sim"
+# Settings read from the environment by processes that do not run in our cwd.
+PATH_ENV = ("FEDPRUNE_DATA_ROOT", "FEDPRUNE_CACHE", "FEDPRUNE_CONFIG_DIR")
 
 
-def simulate(cfg: ExperimentConfig, run_dir: Path) -> dict:
+class SimulationError(RuntimeError):
+    """The run did not finish as completed; the message says why and where the log is."""
+
+
+def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False) -> dict:
     """Run ``cfg`` with ``cfg.data.num_clients`` virtual SuperNodes; return the summary."""
-    for key, value in FLOWER_ENV.items():
-        os.environ.setdefault(key, value)
-    from flwr.simulation import run_simulation
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    home = Path(tempfile.mkdtemp(prefix="fedprune-flwr-"))
+    superlink = None
+    previous = _exit_on_sigterm()
+    try:
+        env = _environment(home)
+        port = _free_port()
+        superlink = _start_superlink(env, port, run_dir / "superlink.log")
+        _write_connection(home, port)
+        run_id = _submit(env, _write_app(home, run_dir), cfg)
+        print(f"[fedprune] Flower simulation: {cfg.data.num_clients} virtual clients, run "
+              f"{run_id}; Flower's log: {run_dir / 'flower.log'}", flush=True)
+        status = _follow(env, run_id, run_dir, cfg.fed.rounds, verbose)
+        if status.get("status") != "finished:completed":
+            raise SimulationError(_failure(status, run_dir))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print_summary(summary, run_dir)
+        return summary
+    finally:
+        if superlink is not None:
+            stop_tree(superlink)
+        shutil.rmtree(home, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-    from client.client_app import app as client_app
 
-    outcome: dict = {}
-    server_app = ServerApp()
+def _exit_on_sigterm():
+    """SIGTERM (e.g. from a sweep's timeout) unwinds like Ctrl-C, so the ``finally`` above
+    stops the SuperLink's tree: it runs in its own session, out of the caller's group."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, _raise)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _environment(home: Path) -> dict[str, str]:
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
+    # Flower's entry points (flower-superlink, flower-superexec, flwr-simulation) from
+    # this interpreter's environment, whatever PATH says.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for key in PATH_ENV:  # the simulation runs elsewhere: relative paths must not move
+        if env.get(key):
+            env[key] = str(Path(env[key]).expanduser().resolve())
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SimulationError(f"{path} is missing: is flwr[simulation] installed in this "
+                              "environment? (bash experiments/setup.sh)")
+    return str(path)
+
+
+def _start_superlink(env: dict, port: int, log_path: Path) -> subprocess.Popen:
+    """A SuperLink in simulation mode on 127.0.0.1:port, up and healthy (or an error)."""
+    # Loopback only and gone when the run ends: plaintext is the local-simulation case.
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+           "--port", str(port), "--disable-runtime-dependency-installation"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"the SuperLink exited with {proc.returncode}:\n"
+                                  + _tail(log_path))
         try:
-            outcome["summary"] = run_server(grid, cfg, run_dir)
-        except BaseException as err:  # re-raised below: run_simulation swallows it
-            outcome["error"] = err
-            raise
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_tree(proc)
+    raise SimulationError(f"the SuperLink did not answer on 127.0.0.1:{port} within 60 s:\n"
+                          + _tail(log_path))
 
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.sim.client_cpus,
-                                 "num_gpus": cfg.sim.client_gpus},
-            "init_args": {"log_to_driver": True, "logging_level": "WARNING"},
-        },
-    )
-    if "error" in outcome:
-        raise RuntimeError(f"the ServerApp failed: {outcome['error']!r}") from outcome["error"]
-    if "summary" not in outcome:
-        raise RuntimeError(f"the simulation ended without a summary; see {run_dir}")
-    return outcome["summary"]
+
+def _write_connection(home: Path, port: int) -> None:
+    """$FLWR_HOME/config.toml: the one SuperLink this run talks to."""
+    (home / "config.toml").write_text(f"""[superlink]
+default = "{CONNECTION}"
+
+[superlink.{CONNECTION}]
+address = "127.0.0.1:{port}"
+insecure = true
+""")
+
+
+def _federation_config(cfg: ExperimentConfig) -> str:
+    """The simulated federation: its size, each client's Ray resources, Ray's log level."""
+    return (f"num-supernodes={cfg.data.num_clients} "
+            f"client-resources-num-cpus={cfg.sim.client_cpus} "
+            f"client-resources-num-gpus={float(cfg.sim.client_gpus)} "
+            "init-args-logging-level='WARNING' init-args-log-to-driver=true")
+
+
+def _write_app(home: Path, run_dir: Path) -> Path:
+    """A Flower app folder for this run: components from the installed fedprune, run config
+    = this run's resolved config.yaml and run directory."""
+    from fedprune import __version__
+
+    app = home / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(f"""[project]
+name = "fedprune"
+version = "{__version__}"
+description = "fedprune experiment run (generated by server/simulate.py)"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "fedprune"
+
+[tool.flwr.app.components]
+serverapp = "server.server_app:app"
+clientapp = "client.client_app:app"
+
+[tool.flwr.app.config]
+config = {json.dumps(str(run_dir / "config.yaml"))}
+overrides = ""
+run_dir = {json.dumps(str(run_dir))}
+""")
+    return app
+
+
+def _flwr(env: dict, *args: str, timeout: float = 120) -> dict:
+    """A `flwr` CLI call with JSON output, parsed (its failure raised with its output)."""
+    proc = subprocess.run([_bin("flwr"), *args, "--format", "json"], env=env, text=True,
+                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    text = proc.stdout
+    try:
+        data = json.loads(text[text.index("{"):])
+    except ValueError:
+        data = {}
+    if proc.returncode != 0 or not data.get("success", False):
+        raise SimulationError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n"
+                              f"{text[-2000:]}{proc.stderr[-2000:]}")
+    return data
+
+
+def _submit(env: dict, app: Path, cfg: ExperimentConfig) -> str:
+    return str(_flwr(env, "run", str(app), CONNECTION, "--federation-config",
+                     _federation_config(cfg))["run-id"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool) -> dict:
+    """Stream Flower's log to flower.log (and the screen if verbose), print each round's
+    row as the ServerApp writes it, and return the run's final status from the SuperLink."""
+    stream = subprocess.Popen([_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, errors="replace")
+    copier = threading.Thread(target=_copy_log, args=(stream, run_dir / "flower.log", verbose),
+                              daemon=True)
+    copier.start()
+    rows = _RowTail(run_dir / "metrics.jsonl")
+    status: dict = {}
+    last_poll = time.time()
+    try:
+        while True:
+            for row in rows.new():
+                if not verbose:  # verbose: the ServerApp's own line is on screen already
+                    print_round(row, rounds)
+            if stream.poll() is not None or time.time() - last_poll > 30:
+                # the stream ends with the run; also ask now and then in case it broke
+                status = _status(env, run_id)
+                last_poll = time.time()
+                if status.get("status", "").startswith("finished"):
+                    break
+            time.sleep(0.5)
+        copier.join(timeout=10)
+        for row in rows.new():  # rows written between the last read and the end
+            if not verbose:
+                print_round(row, rounds)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait()
+    return status
+
+
+def _status(env: dict, run_id: str) -> dict:
+    runs = _flwr(env, "ls", CONNECTION, "--run-id", run_id).get("runs", [])
+    return next((r for r in runs if str(r.get("run-id")) == run_id), {})
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _copy_log(stream: subprocess.Popen, path: Path, verbose: bool) -> None:
+    """Flower's log into ``path`` (colour codes removed). On screen: all of it if verbose,
+    else only ERROR lines: warnings and infos are Flower's and Ray's routine chatter."""
+    with open(path, "w") as log:
+        for line in stream.stdout:
+            plain = ANSI.sub("", line)
+            log.write(plain)
+            log.flush()
+            if verbose:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            elif plain.startswith("ERROR"):
+                sys.stderr.write(plain)
+                sys.stderr.flush()
+
+
+class _RowTail:
+    """New complete lines of a JSONL file that another process appends to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _failure(status: dict, run_dir: Path) -> str:
+    state = status.get("status", "unknown (the SuperLink did not report the run)")
+    details = status.get("status-details", "")
+    return (f"the run ended as {state}" + (f": {details}" if details else "")
+            + f"\nlast lines of {run_dir / 'flower.log'}:\n" + _tail(run_dir / "flower.log"))
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} was not written)"
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``proc`` and every process it started. Flower detaches some children into
+    new sessions, so the whole tree is snapshotted first (children are re-parented once
+    their parent dies), then terminated, then killed after ``grace`` seconds."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in reversed(tree):  # children first: the SuperLink last
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    proc.poll()

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from fedprune.config import (ConfigError, ExperimentConfig, config_dir, from_run_config,
-                             from_yaml, load_config, to_yaml)
+from fedprune.config import (RUN_CONFIG_KEYS, ConfigError, ExperimentConfig, config_dir,
+                             from_run_config, from_yaml, load_config, to_yaml,
+                             with_absolute_paths)
 
 
 def test_defaults_yaml_and_overrides_merge_in_order():
@@ -72,7 +73,24 @@ def test_pyproject_declares_exactly_the_bridge_keys():
     from pathlib import Path
 
     py = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    assert set(py["tool"]["flwr"]["app"]["config"]) == {"config", "overrides"}
+    assert set(py["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG_KEYS)
+    assert set(RUN_CONFIG_KEYS) == {"config", "overrides", "run_dir"}
+
+
+def test_run_config_bridge_ignores_run_dir_for_the_experiment(tmp_path):
+    cfg = from_run_config({"config": "default", "overrides": "", "run_dir": str(tmp_path)})
+    assert cfg == load_config("default")
+
+
+def test_with_absolute_paths_anchors_relative_settings_only(tmp_path):
+    cfg = load_config("default", ["data.root=../data", "run.out_dir=runs",
+                                  "data.cache_dir=/abs/cache"])
+    out = with_absolute_paths(cfg, base=tmp_path / "here")
+    assert out.data.root == str(tmp_path / "data")
+    assert out.run.out_dir == str(tmp_path / "here" / "runs")
+    assert out.data.cache_dir == "/abs/cache"
+    assert out.mask.file == ""  # unset stays unset (the env var / hub fallback)
+    assert cfg.data.root == "../data"  # a copy: the input is untouched
 
 
 def test_cli_rejects_bad_key_before_any_work(tmp_path):

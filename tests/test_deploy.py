@@ -25,7 +25,8 @@ from fedprune.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "deploy" / "run_local.sh"
 COMPOSE = REPO / "docker-compose.yml"
-FLOWER_IMAGE = re.compile(r"\bflwr/([a-z][a-z0-9-]*):([^\s\"']+)")
+LOCK = REPO / "experiments" / "requirements.lock"
+FLOWER_IMAGE = re.compile(r"\bflwr/([a-z][a-z0-9-]*):([^\s\"'$]+)")
 
 
 # ----------------------------------------------------------------------------- compose
@@ -56,20 +57,68 @@ def _supernodes(services: dict) -> dict[str, dict]:
     return {name: svc for name, svc in services.items() if name.startswith("supernode")}
 
 
-def test_compose_pins_every_flower_image_to_installed_flwr():
+def _locked(name: str) -> str:
+    """The version experiments/requirements.lock pins for ``name``."""
+    pins = re.findall(rf"^{re.escape(name)}==(\S+)$", LOCK.read_text(), re.M)
+    assert len(pins) == 1, f"{LOCK.name} pins {name} {len(pins)} times"
+    return pins[0]
+
+
+def _dotenv() -> dict[str, str]:
+    lines = (REPO / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:?msg} and ${VAR:-default}, resolved from ``env``."""
+    def value(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        if name in env and env[name]:
+            return env[name]
+        assert op != ":?", f"${{{name}}} is required ({arg}) and unset"
+        return arg if op == ":-" else ""
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[?-])([^}]*))?\}", value, text)
+
+
+def test_flower_pins_agree_lock_dotenv_installed():
+    """One pin: the lock's flwr is what is installed and what .env gives compose."""
+    assert _locked("flwr") == flwr.__version__
+    assert _dotenv()["FLWR_VERSION"] == flwr.__version__
+
+
+def test_compose_tags_every_flower_image_with_the_locked_flwr():
     services = _compose()
+    env = _dotenv()
     refs = []  # (service, image kind, tag) from `image:` and from inline Dockerfiles
     for name, svc in services.items():
         texts = [str(svc.get("image", ""))]
         build = svc.get("build")
         if isinstance(build, dict):
             texts.append(str(build.get("dockerfile_inline", "")))
-        refs += [(name, kind, tag) for text in texts for kind, tag in FLOWER_IMAGE.findall(text)]
+        for text in texts:
+            raw = re.findall(r"\bflwr/[a-z][a-z0-9-]*:(\S+)", text)
+            assert all(t.startswith("${FLWR_VERSION") for t in raw), \
+                f"{name}: a Flower tag written by hand instead of ${{FLWR_VERSION}}: {raw}"
+            refs += [(name, kind, tag)
+                     for kind, tag in FLOWER_IMAGE.findall(_interpolate(text, env))]
     assert {kind for _, kind, _ in refs} >= {"superlink", "supernode", "superexec"}
-    wrong = [r for r in refs if r[2] != flwr.__version__]
-    assert not wrong, f"Flower images not pinned to flwr {flwr.__version__}: {wrong}"
+    wrong = [r for r in refs if r[2] != _locked("flwr")]
+    assert not wrong, f"Flower images not tagged with the locked flwr {_locked('flwr')}: {wrong}"
     # every service runs a Flower image, directly or as the base of its build
     assert {name for name, _, _ in refs} == set(services)
+    # and the SuperExec image installs the same lock, not floating ranges
+    inline = next(str(s["build"]["dockerfile_inline"]) for s in services.values()
+                  if isinstance(s.get("build"), dict))
+    assert "experiments/requirements.lock" in inline and "--no-deps" in inline
+
+
+def test_interpolate_follows_compose_rules():
+    env = {"A": "1.0", "E": ""}
+    assert _interpolate("x:${A}", env) == "x:1.0"
+    assert _interpolate("x:${B:-d}", env) == "x:d"
+    assert _interpolate("x:${E:-d}", env) == "x:d"
+    with pytest.raises(AssertionError, match="required"):
+        _interpolate("x:${B:?need B}", env)
 
 
 def test_compose_topology_partitions_and_addresses():
