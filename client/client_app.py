@@ -1,7 +1,10 @@
 """Flower ClientApp: wires messages to fedprune.fl.client_core (all logic lives there).
 
 The experiment config travels in every message (ConfigRecord key ``fedprune-config``),
-so a client needs nothing but its ``partition-id`` / ``num-partitions`` node config.
+so a client needs nothing but its ``partition-id`` / ``num-partitions`` node config. Query
+rounds arrive as message type ``query`` naming their kind (``fedprune-query``) and go to
+the configured method's client part, so this app names no method. Injected faults
+(``faults`` section, simulation only) are applied to the honest reply last.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedprune.config import from_yaml
-from fedprune.fedtiny.bn_selection import client_bn_stats, client_candidate_losses
-from fedprune.fl.client_core import (check_partition, client_evaluate, client_scores,
+from fedprune.fl.client_core import (check_partition, client_evaluate, client_query,
                                      client_train)
+from fedprune.fl.faults import inject
 
 app = ClientApp()
 
@@ -29,56 +32,42 @@ def _unpack(msg: Message, context: Context):
     return cfg, pid, payload, int(conf.get("server-round", 0))
 
 
+def _reply(msg: Message, cfg, pid: int, server_round: int, arrays: dict, metrics: dict,
+           records: dict | None = None) -> Message:
+    records = {"arrays": arrays, **(records or {})}
+    records, metrics = inject(cfg, pid, server_round, records, {**metrics, "partition-id": pid})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    for key, value in records.items():
+        if value:  # a reply with no arrays (e.g. candidate losses) sends no record
+            content[key] = ArrayRecord({k: Array(v) for k, v in value.items()})
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, payload, server_round = _unpack(msg, context)
     conf = msg.content["config"]
-    # the round's mask-adjustment plan (FedTiny, PruneFL, FedDST, gates) and its records
-    plan = {k: v for k, v in conf.items() if k.startswith("adjust-")}
+    plan = None
+    if conf.get("fedprune-plan", False):  # the method's plan for this round, and its records
+        plan = {k[len("plan."):]: v for k, v in conf.items() if k.startswith("plan.")}
     extras = {k: {n: a.numpy() for n, a in r.items()}
               for k, r in msg.content.array_records.items() if k != "arrays"}
     reply, metrics, records = client_train(cfg, pid, payload, server_round, plan, extras)
-    content = RecordDict({"arrays": _record(reply),
-                          "metrics": MetricRecord({**metrics, "partition-id": pid})})
-    for key, arrays in records.items():
-        content[key] = _record(arrays)
-    return Message(content=content, reply_to=msg)
-
-
-def _record(arrays: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return _reply(msg, cfg, pid, server_round, reply, metrics, records)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, pid, payload, _ = _unpack(msg, context)
+    cfg, pid, payload, server_round = _unpack(msg, context)
     metrics = client_evaluate(cfg, pid, payload)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-@app.query("bn_stats")
-def bn_stats(msg: Message, context: Context) -> Message:
-    """Adaptive BN selection, round A: BN input statistics of every candidate."""
-    cfg, pid, payload, _ = _unpack(msg, context)
-    arrays = _record(client_bn_stats(cfg, pid, payload))
-    return Message(content=RecordDict({"arrays": arrays,
-                                       "metrics": MetricRecord({"partition-id": pid})}),
+    return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "partition-id": pid})}),
                    reply_to=msg)
 
 
-@app.query("candidate_loss")
-def candidate_loss(msg: Message, context: Context) -> Message:
-    """Adaptive BN selection, round B: local loss of every candidate with pooled BN."""
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """A method's query round before training (e.g. SNIP scores, BN statistics)."""
     cfg, pid, payload, _ = _unpack(msg, context)
-    losses, n = client_candidate_losses(cfg, pid, payload)
-    metrics = MetricRecord({"losses": losses, "num-examples": n, "partition-id": pid})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-@app.query("scores")
-def scores(msg: Message, context: Context) -> Message:
-    """Client-scored mask init: SNIP / SynFlow scores (or own mask) of the dense model."""
-    cfg, pid, payload, _ = _unpack(msg, context)
-    arrays, n = client_scores(cfg, pid, payload)
-    return Message(content=RecordDict({"arrays": _record(arrays), "metrics": MetricRecord(
-        {"num-examples": n, "partition-id": pid})}), reply_to=msg)
+    kind = str(msg.content["config"]["fedprune-query"])
+    arrays, metrics = client_query(cfg, pid, kind, payload)
+    return _reply(msg, cfg, pid, 0, arrays, metrics)

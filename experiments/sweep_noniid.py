@@ -11,11 +11,11 @@ after another::
         run.out_dir=<out>/runs run.name=<method>-a<alpha>-d<density>
 
 where the partition is ``data.partitioner=iid`` for alpha ``iid`` and
-``data.partitioner=dirichlet data.alpha=A`` otherwise. Dense FedAvg (``mask.init=dense``
-without gates) has no density: it runs once per alpha as ``d1.0``. ``reinit`` rows (the
-random-reinit control) take ``mask.file`` from the finished ``fedtiny`` run of the same cell
+``data.partitioner=dirichlet data.alpha=A`` otherwise. Dense FedAvg (``method.init=dense``
+of the ``fixed`` method) has no density: it runs once per alpha as ``d1.0``. ``reinit`` rows (the
+random-reinit control) take ``method.file`` from the finished ``fedtiny`` run of the same cell
 (``reinit_vgg11`` from ``fedtiny_vgg11``), so cells run in the order of
-``report_noniid.METHODS``. With a rounds override, ``gates.rounds`` keeps its share of
+``report_noniid.METHODS``. With a rounds override, the gates' ``method.rounds`` keeps its share of
 ``fed.rounds``.
 
 Resume: a cell whose run dir has a summary.json with the configured rounds and the same
@@ -85,18 +85,19 @@ def set_value(sets: list[str], key: str) -> str | None:
 
 
 def rounds_overrides(base: ExperimentConfig, rounds: int | None, sets: list[str]) -> list[str]:
-    """fed.rounds from --rounds; gates.rounds scaled to keep its share of the rounds."""
+    """fed.rounds from --rounds; the gates method's rounds scaled to keep their share."""
     out = [f"fed.rounds={rounds}"] if rounds else []
     total = rounds or int(set_value(sets, "fed.rounds") or base.fed.rounds)
-    if base.gates.rounds and total != base.fed.rounds and set_value(sets, "gates.rounds") is None:
-        share = round(total * base.gates.rounds / base.fed.rounds)
-        out.append(f"gates.rounds={max(1, min(share, total - 1))}")
+    if (base.method.name == "gates" and total != base.fed.rounds
+            and set_value(sets, "method.rounds") is None):
+        share = round(total * base.method.rounds / base.fed.rounds)
+        out.append(f"method.rounds={max(1, min(share, total - 1))}")
     return out
 
 
 def is_density_free(base: ExperimentConfig) -> bool:
     """Dense FedAvg: no mask at all, so one run per alpha covers every density."""
-    return base.mask.init == "dense" and base.gates.rounds == 0
+    return base.method.name == "fixed" and base.method.init == "dense"
 
 
 def plan(methods: list[str], alphas: list[str], densities: list[str], configs: Path,
@@ -118,7 +119,7 @@ def plan(methods: list[str], alphas: list[str], densities: list[str], configs: P
                 mask_from = ""
                 if source:
                     mask_from = cell_name(source + split_method(method)[1], alpha, d)
-                    overrides.append(f"mask.file={runs / mask_from / 'mask.safetensors'}")
+                    overrides.append(f"method.file={runs / mask_from / 'mask.safetensors'}")
                 overrides += list(sets) + rounds_overrides(base, rounds, sets)
                 overrides += [f"run.out_dir={runs}", f"run.name={cell_name(method, alpha, d)}"]
                 cells.append(Cell(method, alpha, d, (configs / f"{method}.yaml").resolve(),
@@ -146,9 +147,9 @@ def done_reason(cell: Cell, run_dir: Path) -> str | None:
 
 
 def _same(key: str, recorded: object, expected: object) -> bool:
-    """Equal config values; mask.file compared as a path (a row's own run uses a relative
+    """Equal config values; method.file compared as a path (a row's own run uses a relative
     one, the sweep an absolute one)."""
-    if key == "mask.file" and recorded and expected:
+    if key == "method.file" and recorded and expected:
         return (REPO / str(recorded)).resolve() == (REPO / str(expected)).resolve()
     return recorded == expected
 

@@ -25,26 +25,43 @@ def _split(args: list[str]) -> tuple[str, list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    name, overrides = _split(args.items)
-    # absolute paths: the ServerApp and ClientApps do not run in this directory
-    cfg = with_absolute_paths(load_config(name, overrides))
     from .data.sources import resolve_data_root
     from .fl.rundir import new_run_dir
 
+    if args.resume:  # the run's own resolved config; nothing may change it
+        if args.items:
+            print("fedprune run: --resume takes no config or overrides (the run folder's "
+                  "config.yaml is the run's)", file=sys.stderr)
+            return 2
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / "config.yaml").is_file():
+            print(f"fedprune run: {run_dir} has no config.yaml: not a run folder",
+                  file=sys.stderr)
+            return 2
+        name, cfg = str(run_dir / "config.yaml"), load_config(str(run_dir / "config.yaml"))
+    else:
+        name, overrides = _split(args.items)
+        # absolute paths: the ServerApp and ClientApps do not run in this directory
+        cfg = with_absolute_paths(load_config(name, overrides))
     try:  # a wrong data root fails here, not after Flower and Ray have started
         resolve_data_root(cfg.data.root)
     except FileNotFoundError as err:
         print(f"fedprune: {err}", file=sys.stderr)
         return 2
-
-    run_dir = new_run_dir(cfg, name)
-    print(f"[fedprune] config {name!r}, writing to {run_dir}", flush=True)
+    if not args.resume:
+        run_dir = new_run_dir(cfg, name)
+        if (run_dir / "metrics.jsonl").exists():
+            print(f"fedprune run: {run_dir} already holds a run: continue it with "
+                  f"--resume {run_dir}, or choose another run.name", file=sys.stderr)
+            return 2
+    print(f"[fedprune] config {name!r}, {'resuming' if args.resume else 'writing to'} "
+          f"{run_dir}", flush=True)
     if args.show_config:
         print(to_yaml(cfg), flush=True)
     from server.simulate import SimulationError, simulate  # Flower only from here on
 
     try:
-        simulate(cfg, run_dir, verbose=args.verbose)
+        simulate(cfg, run_dir, verbose=args.verbose, resume=bool(args.resume))
     except SimulationError as err:
         print(f"fedprune run: {err}", file=sys.stderr)
         return 1
@@ -121,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also stream Flower's own log (SuperLink, ServerApp, Ray, clients) "
                           "to the screen; it always goes to <run dir>/flower.log")
+    run.add_argument("--resume", metavar="RUN_DIR", default="",
+                     help="continue an interrupted run from its last checkpointed round")
     run.add_argument("--show-config", action="store_true",
                      help="print the resolved config before the run (always in config.yaml)")
     run.set_defaults(func=cmd_run)

@@ -9,12 +9,13 @@ One bridge (:func:`from_run_config`) turns Flower's flat ``run_config`` into the
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR_ENV = "FEDPRUNE_CONFIG_DIR"
@@ -24,12 +25,12 @@ class ConfigError(ValueError):
     """A configuration key, type or value is wrong; the message names the key."""
 
 
-def _choice(key: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
 
 
-def _check(key: str, ok: bool, what: str, value: Any) -> None:
+def check_value(key: str, ok: bool, what: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid: {what}")
 
@@ -57,17 +58,17 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
-        _choice("data.partitioner", self.partitioner, PARTITIONERS)
-        _check("data.num_clients", self.num_clients >= 1, "must be >= 1", self.num_clients)
-        _check("data.alpha", self.alpha > 0, "must be > 0", self.alpha)
-        _check("data.classes_per_client", self.classes_per_client >= 1, "must be >= 1",
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.partitioner", self.partitioner, PARTITIONERS)
+        check_value("data.num_clients", self.num_clients >= 1, "must be >= 1", self.num_clients)
+        check_value("data.alpha", self.alpha > 0, "must be > 0", self.alpha)
+        check_value("data.classes_per_client", self.classes_per_client >= 1, "must be >= 1",
                self.classes_per_client)
-        _check("data.shards_per_client", self.shards_per_client >= 1, "must be >= 1",
+        check_value("data.shards_per_client", self.shards_per_client >= 1, "must be >= 1",
                self.shards_per_client)
-        _check("data.train_subset", self.train_subset >= 0, "must be >= 0", self.train_subset)
-        _check("data.test_subset", self.test_subset >= 0, "must be >= 0", self.test_subset)
-        _check("data.min_partition_size", self.min_partition_size >= 0, "must be >= 0",
+        check_value("data.train_subset", self.train_subset >= 0, "must be >= 0", self.train_subset)
+        check_value("data.test_subset", self.test_subset >= 0, "must be >= 0", self.test_subset)
+        check_value("data.min_partition_size", self.min_partition_size >= 0, "must be >= 0",
                self.min_partition_size)
 
 
@@ -81,39 +82,23 @@ class ModelConfig:
     num_classes: int = 10
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODELS)
-        _check("model.width", self.width >= 1, "must be >= 1", self.width)
-        _check("model.num_classes", self.num_classes >= 2, "must be >= 2", self.num_classes)
-
-
-MASK_INITS = ("dense", "uniform", "erk", "global_magnitude", "random")
-# Scored by the clients on their own data and aggregated by the server before round 1.
-CLIENT_SCORED = ("snip", "synflow")
-CONSENSUS = ("average", "vote")
+        check_choice("model.name", self.name, MODELS)
+        check_value("model.width", self.width >= 1, "must be >= 1", self.width)
+        check_value("model.num_classes", self.num_classes >= 2, "must be >= 2", self.num_classes)
 
 
 @dataclass
 class MaskConfig:
+    """What every method shares: the target density, the tensors kept dense, the seed of
+    seeded mask choices. How the mask is made and moved is the method's (``method:``)."""
+
     density: float = 0.1  # fraction of prunable weights kept (1.0 = dense)
-    init: str = "erk"
     # Names (fnmatch patterns over parameter names) of prunable tensors kept dense.
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
-    # snip / synflow: how the server combines the clients' scores (``average``: example-
-    # weighted mean, then global top-k; ``vote``: each client's own top-k mask, majority).
-    consensus: str = "average"
-    score_batches: int = 4  # snip: local batches each client scores (0 = its whole partition)
-    # init=file: masks of an earlier run (its mask.safetensors) on freshly initialised
-    # weights -- the random-reinit control of Liu et al. 2019 ("Rethinking ...").
-    file: str = ""
 
     def __post_init__(self) -> None:
-        _check("mask.density", 0.0 < self.density <= 1.0, "must be in (0, 1]", self.density)
-        _choice("mask.init", self.init, MASK_INITS + CLIENT_SCORED + ("file",))
-        _choice("mask.consensus", self.consensus, CONSENSUS)
-        _check("mask.score_batches", self.score_batches >= 0, "must be >= 0", self.score_batches)
-        _check("mask.file", (self.init == "file") == bool(self.file),
-               "set mask.file exactly when mask.init='file'", self.file)
+        check_value("mask.density", 0.0 < self.density <= 1.0, "must be in (0, 1]", self.density)
 
 
 @dataclass
@@ -127,15 +112,18 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
-        _check("train.local_epochs", self.local_epochs >= 1, "must be >= 1", self.local_epochs)
-        _check("train.max_steps", self.max_steps >= 0, "must be >= 0", self.max_steps)
-        _check("train.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
-        _check("train.lr", self.lr > 0, "must be > 0", self.lr)
-        _check("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)", self.momentum)
-        _check("train.weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
+        check_value("train.local_epochs", self.local_epochs >= 1, "must be >= 1", self.local_epochs)
+        check_value("train.max_steps", self.max_steps >= 0, "must be >= 0", self.max_steps)
+        check_value("train.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        check_value("train.lr", self.lr > 0, "must be > 0", self.lr)
+        check_value("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)", self.momentum)
+        check_value("train.weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
 
 
 STRATEGIES = ("sparse_fedavg",)
+
+
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
 
 
 @dataclass
@@ -145,96 +133,63 @@ class FedConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0  # > 0 adds federated evaluation on the clients
     min_train_clients: int = 2
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds a round (or query round) waits for replies
+    # Sampling waits this long for all data.num_clients nodes to register, then goes on
+    # with those present if there are at least min_train_clients, else stops the run.
+    node_wait: float = 600.0
+    # A round (training, query, adjusting) needs at least this fraction of the clients it
+    # sampled to reply acceptably (and at least one); below it the round is sampled and
+    # sent again up to ``retries`` times, then the run stops with the reason.
+    quorum: float = 0.5
+    retries: int = 2
+    # Combining kept values and scores: the example-weighted mean, or a robust rule
+    # (coordinate-wise median; trimmed mean cutting ``trim`` of the clients at each end).
+    aggregation: str = "mean"
+    trim: float = 0.1
+    # The most examples one client may claim (the partition sizes bound it too).
+    max_examples: int = 1_000_000
 
     def __post_init__(self) -> None:
-        _choice("fed.strategy", self.strategy, STRATEGIES)
-        _check("fed.rounds", self.rounds >= 1, "must be >= 1", self.rounds)
-        _check("fed.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]",
-               self.fraction_train)
-        _check("fed.fraction_evaluate", 0 <= self.fraction_evaluate <= 1, "must be in [0, 1]",
-               self.fraction_evaluate)
-        _check("fed.min_train_clients", self.min_train_clients >= 1, "must be >= 1",
-               self.min_train_clients)
+        check_choice("fed.strategy", self.strategy, STRATEGIES)
+        check_value("fed.rounds", self.rounds >= 1, "must be >= 1", self.rounds)
+        check_value("fed.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]",
+                    self.fraction_train)
+        check_value("fed.fraction_evaluate", 0 <= self.fraction_evaluate <= 1,
+                    "must be in [0, 1]", self.fraction_evaluate)
+        check_value("fed.min_train_clients", self.min_train_clients >= 1, "must be >= 1",
+                    self.min_train_clients)
+        check_value("fed.round_timeout", self.round_timeout > 0, "must be > 0",
+                    self.round_timeout)
+        check_value("fed.node_wait", self.node_wait >= 0, "must be >= 0", self.node_wait)
+        check_value("fed.quorum", 0 <= self.quorum <= 1, "must be in [0, 1]", self.quorum)
+        check_value("fed.retries", self.retries >= 0, "must be >= 0", self.retries)
+        check_choice("fed.aggregation", self.aggregation, AGGREGATIONS)
+        check_value("fed.trim", 0 <= self.trim < 0.5, "must be in [0, 0.5)", self.trim)
+        check_value("fed.max_examples", self.max_examples >= 1, "must be >= 1",
+                    self.max_examples)
+
+
+FAULT_KINDS = ("fail", "timeout", "garbage")
 
 
 @dataclass
-class FedTinyConfig:
-    # Adaptive BN selection among this many candidate masks before training (0 = off:
-    # the mask comes from mask.init). FedTiny, Huang et al. 2023, Sec. IV-A.
-    candidates: int = 0
-    spread: float = 2.0  # perturbed candidates scale ERK layer densities within [1/s, s]
-    # Progressive pruning (Sec. IV-B): every delta_r rounds before r_end, one layer moves
-    # K = alpha_t * active weights (top-K gradient growth, smallest-magnitude pruning).
-    delta_r: int = 0  # 0 = off
-    r_end: int = 0  # 0 = three quarters of fed.rounds
-    alpha: float = 0.3
-    # What one adjustment moves: one masked tensor ("layer") or every masked tensor of one
-    # block ("block": residual block / stage unit, by name prefix), visited in ``order``:
-    # "forward" (model order), "reverse", or comma-separated tensor names / block prefixes.
-    granularity: str = "layer"
-    order: str = "forward"
+class FaultConfig:
+    """Injected faults, for testing robustness in simulation: each round, each client
+    independently (seeded by ``seed``, the round and its partition) fails (raises), times
+    out (answers after ``fed.round_timeout``) or replies garbage (one of the bad-input
+    classes of ``fedprune.fl.faults``, in turn) with these probabilities."""
+
+    fail: float = 0.0
+    timeout: float = 0.0
+    garbage: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        _check("fedtiny.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
-        _check("fedtiny.spread", self.spread >= 1.0, "must be >= 1", self.spread)
-        _check("fedtiny.delta_r", self.delta_r >= 0, "must be >= 0 (0 = off)", self.delta_r)
-        _check("fedtiny.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
-        _check("fedtiny.alpha", 0 < self.alpha <= 1, "must be in (0, 1]", self.alpha)
-        _choice("fedtiny.granularity", self.granularity, ("layer", "block"))
-        _check("fedtiny.order", bool(self.order.strip()), "must be forward, reverse or names",
-               self.order)
-
-
-DST_METHODS = ("none", "prunefl", "feddst")
-
-
-@dataclass
-class DstConfig:
-    """Dynamic sparse training baselines on the same schedule fields as FedTiny.
-
-    ``prunefl``: every delta_r rounds clients accumulate the squared *dense* gradient of
-    every masked tensor during local training and upload it; the server re-selects each
-    layer's kept positions by that importance (PruneFL, Jiang et al. 2022, with uniform
-    per-parameter time cost). ``feddst``: every delta_r rounds each client prunes its K
-    smallest weights and grows K by its local dense gradient (RigL) per layer, uploads its
-    own mask and values; the server averages where clients keep a position and takes the
-    mask by example-weighted vote (FedDST, Bibikar et al. 2022)."""
-
-    method: str = "none"
-    delta_r: int = 1
-    r_end: int = 0  # 0 = three quarters of fed.rounds
-    alpha: float = 0.3  # feddst: K = alpha_t * active per layer, cosine decay
-
-    def __post_init__(self) -> None:
-        _choice("dst.method", self.method, DST_METHODS)
-        _check("dst.delta_r", self.delta_r >= 1, "must be >= 1", self.delta_r)
-        _check("dst.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
-        _check("dst.alpha", 0 < self.alpha <= 1, "must be in (0, 1]", self.alpha)
-
-
-@dataclass
-class GatesConfig:
-    """Polarization-regularized channel gates trained federatedly (Zhi et al. 2023,
-    "Learning a Consensus Sub-Network with Polarization Regularization and One Pass
-    Training"). For ``rounds`` rounds clients train dense weights plus one binary
-    (straight-through) gate per output channel under the polarization loss; the server
-    averages the gates; then it keeps the channels with the highest consensus gates up to
-    mask.density and training continues sparse in the same pass."""
-
-    rounds: int = 0  # 0 = off
-    lam: float = 1e-3  # weight of the polarization regularizer
-    # Polarization strength (Zhuang et al. 2020): the regularizer alone opens a fraction
-    # (2 - t) / 4 of the gates. 0 = auto: t = 2 - 4 * mask.density, so the gates it
-    # opens match the channel share the final mask keeps (masks prune whole rows).
-    t: float = 0.0
-    lr: float = 0.05  # gate learning rate (SGD)
-
-    def __post_init__(self) -> None:
-        _check("gates.rounds", self.rounds >= 0, "must be >= 0 (0 = off)", self.rounds)
-        _check("gates.lam", self.lam >= 0, "must be >= 0", self.lam)
-        _check("gates.t", -2 < self.t < 2, "must be in (-2, 2) (0 = auto)", self.t)
-        _check("gates.lr", self.lr > 0, "must be > 0", self.lr)
+        for kind in FAULT_KINDS:
+            value = getattr(self, kind)
+            check_value(f"faults.{kind}", 0 <= value <= 1, "must be in [0, 1]", value)
+        check_value("faults.fail", self.fail + self.timeout + self.garbage <= 1,
+                    "faults.fail + faults.timeout + faults.garbage must be <= 1", self.fail)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -249,10 +204,11 @@ class SimConfig:
     torch_threads: int = 1  # torch threads inside each client (avoid oversubscription)
 
     def __post_init__(self) -> None:
-        _check("sim.client_cpus", isinstance(self.client_cpus, int) and self.client_cpus >= 1,
+        check_value("sim.client_cpus", isinstance(self.client_cpus, int) and self.client_cpus >= 1,
                "must be a whole number >= 1", self.client_cpus)
-        _check("sim.client_gpus", self.client_gpus >= 0, "must be >= 0", self.client_gpus)
-        _check("sim.torch_threads", self.torch_threads >= 1, "must be >= 1", self.torch_threads)
+        check_value("sim.client_gpus", self.client_gpus >= 0, "must be >= 0", self.client_gpus)
+        check_value("sim.torch_threads", self.torch_threads >= 1, "must be >= 1",
+                    self.torch_threads)
 
 
 @dataclass
@@ -263,7 +219,21 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("run.device", self.device, DEVICES)
+        check_choice("run.device", self.device, DEVICES)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config section (fedprune/methods/); ``name`` is the
+    registered method. Subclasses add their options and validate them in __post_init__."""
+
+    name: str = "fixed"
+    # option names holding file or folder paths (made absolute by with_absolute_paths)
+    paths: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, cfg: "ExperimentConfig") -> None:
+        """Checks that need other sections (e.g. a round bound against ``fed.rounds``);
+        raise ConfigError naming the key."""
 
 
 @dataclass
@@ -271,46 +241,38 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    # The federated method and its options, typed by the method's own dataclass
+    # (fedprune/methods/; ``method.name`` picks it). The base here is replaced by the
+    # method's class as the config is built.
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    fedtiny: FedTinyConfig = field(default_factory=FedTinyConfig)
-    dst: DstConfig = field(default_factory=DstConfig)
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        if type(self.method) is MethodConfig:  # built directly: the method's own defaults
+            self.method = method_config_class(self.method.name)()
         if self.fed.min_train_clients > self.data.num_clients:
             raise ConfigError(
                 f"fed.min_train_clients={self.fed.min_train_clients} exceeds "
                 f"data.num_clients={self.data.num_clients}"
             )
-        for key, r_end in (("fedtiny.r_end", self.fedtiny.r_end), ("dst.r_end", self.dst.r_end)):
-            if r_end > self.fed.rounds:
-                raise ConfigError(f"{key}={r_end} is beyond fed.rounds={self.fed.rounds}")
-        if self.gates.rounds >= self.fed.rounds:
-            raise ConfigError(f"gates.rounds={self.gates.rounds} must be < fed.rounds="
-                              f"{self.fed.rounds} (gates are trained, then the mask is fixed)")
-        if self.gates.rounds and self.mask.density >= 1.0:
-            raise ConfigError("gates.rounds > 0 prunes to mask.density, which is 1.0: set "
-                              "mask.density < 1")
-        dynamic = [k for k, on in (("fedtiny.delta_r", self.fedtiny.delta_r > 0),
-                                   ("dst.method", self.dst.method != "none"),
-                                   ("gates.rounds", self.gates.rounds > 0)) if on]
-        if len(dynamic) > 1:
-            raise ConfigError(f"{dynamic} are all set: choose one mask-adjustment method")
         if self.data.dataset == "mnist" and self.model.name != "convnet":
             raise ConfigError(
                 f"model.name={self.model.name!r} expects 3-channel 32x32 input; "
                 "data.dataset='mnist' needs model.name='convnet'"
             )
+        self.method.check(self)
 
 
-# Field type names (annotations are strings under `from __future__ import annotations`)
-_NESTED = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "MaskConfig": MaskConfig,
-           "TrainConfig": TrainConfig, "FedConfig": FedConfig, "SimConfig": SimConfig,
-           "RunConfig": RunConfig, "FedTinyConfig": FedTinyConfig, "DstConfig": DstConfig,
-           "GatesConfig": GatesConfig}
+def method_config_class(name: str) -> type[MethodConfig]:
+    """The config dataclass of the method registered as ``name``."""
+    from .methods.base import method_class
+
+    return method_class(name).config_cls
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -338,22 +300,43 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None
                 ) -> ExperimentConfig:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated."""
-    layers = [OmegaConf.structured(ExperimentConfig)]
+    layers = []
     if name_or_path:
-        path = resolve_config_path(name_or_path)
-        layers.append(OmegaConf.load(path))
+        layers.append(OmegaConf.load(resolve_config_path(name_or_path)))
     if overrides:
         _check_override_syntax(overrides)
         layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return _merge(layers)
+
+
+def _merge(layers: list) -> ExperimentConfig:
+    """The one way a config is built: the schema, typed by the chosen method's dataclass
+    (the last layer that sets ``method.name`` wins), merged with ``layers``, validated."""
     try:
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        layers, name = _for_final_method(layers)
+        schema = OmegaConf.structured(ExperimentConfig(method=method_config_class(name)()))
+        cfg = OmegaConf.to_object(OmegaConf.merge(schema, *layers))
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
-    except ConfigError:
-        raise
     assert isinstance(cfg, ExperimentConfig)
     return cfg
+
+
+def _for_final_method(layers: list) -> tuple[list, str]:
+    """The method is the last ``method.name`` set; options a layer gave while another
+    method was named are dropped, so ``method.name=gates`` over a YAML whose method section
+    belongs to ``fixed`` switches the method instead of failing on ``fixed``'s keys."""
+    running, owners = MethodConfig.name, []
+    for layer in layers:
+        running = str(OmegaConf.select(layer, "method.name") or running)
+        owners.append(running)
+    kept = []
+    for layer, owner in zip(layers, owners):
+        if owner != running and "method" in layer:
+            layer = layer.copy()
+            del layer["method"]
+        kept.append(layer)
+    return kept, running
 
 
 def _check_override_syntax(overrides: list[str]) -> None:
@@ -377,31 +360,22 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 
 def from_yaml(text: str) -> ExperimentConfig:
-    """Rebuild a config sent over the wire (e.g. server -> client).
-
-    The sender already validated it with omegaconf; here plain YAML parsing plus the
-    dataclasses' own ``__post_init__`` checks are enough, and 10x cheaper per message
-    (that matters with hundreds of virtual clients per round).
-    """
-    import yaml
-
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ConfigError("a wire config must be a mapping of sections")
-    return _build(ExperimentConfig, data, "")
+    """Rebuild a config sent over the wire (server -> client) through the same loader and
+    checks as :func:`load_config`. Memoized per process on the text: every message of a run
+    carries the same config, so each worker parses it once (omegaconf costs ~14 ms a call,
+    which hundreds of virtual clients per round would pay every message)."""
+    return copy.deepcopy(_from_yaml(text))
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a nested dict; unknown keys name themselves."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown config keys {[prefix + k for k in unknown]}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get(known[name].type)
-        kwargs[name] = _build(sub, value or {}, f"{prefix}{name}.") if sub else value
-    return cls(**kwargs)
+@functools.lru_cache(maxsize=8)
+def _from_yaml(text: str) -> ExperimentConfig:
+    try:
+        layer = OmegaConf.create(text)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"a config sent over the wire is not YAML: {err}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError("a config sent over the wire must be a mapping of sections")
+    return _merge([layer])
 
 
 def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -419,13 +393,14 @@ def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
-RUN_CONFIG_KEYS = ("config", "overrides", "run_dir")
+RUN_CONFIG_KEYS = ("config", "overrides", "run_dir", "resume")
 
 
 def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
     """Bridge from Flower's flat ``run_config``: ``config`` names the YAML, ``overrides``
     holds space-separated ``key=value`` pairs (pyproject's [tool.flwr.app.config]);
-    ``run_dir`` (read by the ServerApp, not part of the experiment) names the run folder."""
+    ``run_dir`` and ``resume`` (read by the ServerApp, not part of the experiment) name the
+    run folder and whether to continue it from its checkpoint."""
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(f"unknown run_config keys {unknown}; valid keys: {list(RUN_CONFIG_KEYS)}")
@@ -436,14 +411,16 @@ def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
 
 # Settings that name files or folders: relative to the directory of the command that
 # read them, so they are made absolute before a config goes to a process running elsewhere.
-PATH_KEYS = ("data.root", "data.cache_dir", "mask.file", "run.out_dir")
+PATH_KEYS = ("data.root", "data.cache_dir", "run.out_dir")
 
 
 def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
-    """A copy of ``cfg`` whose non-empty path settings are absolute (against ``base`` or cwd)."""
+    """A copy of ``cfg`` whose non-empty path settings (those above and the method's
+    ``paths``) are absolute (against ``base`` or cwd)."""
     base = Path.cwd() if base is None else base
     out = copy.deepcopy(cfg)
-    for key in PATH_KEYS:
+    keys = list(PATH_KEYS) + [f"method.{p}" for p in type(cfg.method).paths]
+    for key in keys:
         section, name = key.split(".")
         value = getattr(getattr(out, section), name)
         if value:

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.fl.recorder import write_text
 from fedprune.fl.summary import print_round, print_summary
 
 # Never let Flower install dependencies, phone home or check for updates (flower.md);
@@ -49,11 +50,15 @@ class SimulationError(RuntimeError):
     """The run did not finish as completed; the message says why and where the log is."""
 
 
-def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False) -> dict:
-    """Run ``cfg`` with ``cfg.data.num_clients`` virtual SuperNodes; return the summary."""
+def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False,
+             resume: bool = False) -> dict:
+    """Run ``cfg`` with ``cfg.data.num_clients`` virtual SuperNodes; return the summary.
+    ``resume``: continue the run in ``run_dir`` from its checkpoint."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    config_path = run_dir / "config.yaml"  # a resumed run keeps the one it started with
+    if not resume:
+        write_text(config_path, to_yaml(cfg))
     home = Path(tempfile.mkdtemp(prefix="fedprune-flwr-"))
     superlink = None
     previous = _exit_on_sigterm()
@@ -62,10 +67,11 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False) -> dic
         port = _free_port()
         superlink = _start_superlink(env, port, run_dir / "superlink.log")
         _write_connection(home, port)
-        run_id = _submit(env, _write_app(home, run_dir), cfg)
+        after = _checkpoint_round(run_dir) if resume else -1  # rounds already on screen
+        run_id = _submit(env, _write_app(home, run_dir, config_path, resume), cfg)
         print(f"[fedprune] Flower simulation: {cfg.data.num_clients} virtual clients, run "
               f"{run_id}; Flower's log: {run_dir / 'flower.log'}", flush=True)
-        status = _follow(env, run_id, run_dir, cfg.fed.rounds, verbose)
+        status = _follow(env, run_id, run_dir, cfg.fed.rounds, verbose, after)
         if status.get("status") != "finished:completed":
             raise SimulationError(_failure(status, run_dir))
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -94,7 +100,8 @@ def _exit_on_sigterm():
 
 
 def _environment(home: Path) -> dict[str, str]:
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
+           "FEDPRUNE_OWNER_PID": str(os.getpid())}  # the ServerApp stops when we are gone
     # Flower's entry points (flower-superlink, flower-superexec, flwr-simulation) from
     # this interpreter's environment, whatever PATH says.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -125,7 +132,8 @@ def _start_superlink(env: dict, port: int, log_path: Path) -> subprocess.Popen:
            "--port", str(port), "--disable-runtime-dependency-installation"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -141,6 +149,18 @@ def _start_superlink(env: dict, port: int, log_path: Path) -> subprocess.Popen:
     stop_tree(proc)
     raise SimulationError(f"the SuperLink did not answer on 127.0.0.1:{port} within 60 s:\n"
                           + _tail(log_path))
+
+
+def _die_with_parent() -> None:
+    """Runs in the SuperLink's process before exec: Linux kills it when its parent (this
+    process) dies, even by SIGKILL, which no ``finally`` can catch. Flower's SuperExec and
+    simulation watch their parents' pids and follow. A no-op where prctl is missing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_connection(home: Path, port: int) -> None:
@@ -162,9 +182,9 @@ def _federation_config(cfg: ExperimentConfig) -> str:
             "init-args-logging-level='WARNING' init-args-log-to-driver=true")
 
 
-def _write_app(home: Path, run_dir: Path) -> Path:
+def _write_app(home: Path, run_dir: Path, config_path: Path, resume: bool) -> Path:
     """A Flower app folder for this run: components from the installed fedprune, run config
-    = this run's resolved config.yaml and run directory."""
+    = this run's resolved config, its run directory and whether to resume it."""
     from fedprune import __version__
 
     app = home / "app"
@@ -183,9 +203,10 @@ serverapp = "server.server_app:app"
 clientapp = "client.client_app:app"
 
 [tool.flwr.app.config]
-config = {json.dumps(str(run_dir / "config.yaml"))}
+config = {json.dumps(str(config_path))}
 overrides = ""
 run_dir = {json.dumps(str(run_dir))}
+resume = {"true" if resume else "false"}
 """)
     return app
 
@@ -213,7 +234,8 @@ def _submit(env: dict, app: Path, cfg: ExperimentConfig) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool) -> dict:
+def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool,
+            after: int = -1) -> dict:
     """Stream Flower's log to flower.log (and the screen if verbose), print each round's
     row as the ServerApp writes it, and return the run's final status from the SuperLink."""
     stream = subprocess.Popen([_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=env,
@@ -222,7 +244,7 @@ def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool) -
     copier = threading.Thread(target=_copy_log, args=(stream, run_dir / "flower.log", verbose),
                               daemon=True)
     copier.start()
-    rows = _RowTail(run_dir / "metrics.jsonl")
+    rows = _RowTail(run_dir / "metrics.jsonl", after=after)
     status: dict = {}
     last_poll = time.time()
     try:
@@ -248,6 +270,19 @@ def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool) -
     return status
 
 
+def _checkpoint_round(run_dir: Path) -> int:
+    """The round a resumed run continues after (-1: a new run, print from round 0)."""
+    from safetensors import safe_open
+
+    from fedprune.fl.recorder import CHECKPOINT
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return -1
+    with safe_open(str(path), framework="numpy") as f:
+        return int((f.metadata() or {}).get("round", -1))
+
+
 def _status(env: dict, run_id: str) -> dict:
     runs = _flwr(env, "ls", CONNECTION, "--run-id", run_id).get("runs", [])
     return next((r for r in runs if str(r.get("run-id")) == run_id), {})
@@ -257,37 +292,32 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _copy_log(stream: subprocess.Popen, path: Path, verbose: bool) -> None:
-    """Flower's log into ``path`` (colour codes removed). On screen: all of it if verbose,
-    else only ERROR lines: warnings and infos are Flower's and Ray's routine chatter."""
+    """Flower's log into ``path`` (colour codes removed), and on screen too if verbose.
+    Otherwise the screen gets what went wrong from fedprune itself: each round's rejected
+    and timed-out replies in its line, a failed run's reason and the end of this log."""
     with open(path, "w") as log:
         for line in stream.stdout:
-            plain = ANSI.sub("", line)
-            log.write(plain)
+            log.write(ANSI.sub("", line))
             log.flush()
             if verbose:
                 sys.stdout.write(line)
                 sys.stdout.flush()
-            elif plain.startswith("ERROR"):
-                sys.stderr.write(plain)
-                sys.stderr.flush()
 
 
 class _RowTail:
-    """New complete lines of a JSONL file that another process appends to."""
+    """Rows of a metrics.jsonl that another process rewrites as rounds finish: each call
+    returns the rows of rounds not returned before (``after``: rounds already shown)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
+    def __init__(self, path: Path, after: int = -1) -> None:
+        self.path, self.last = path, after
 
     def new(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        complete = data[:data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        from fedprune.fl.recorder import read_rows
+
+        rows = [r for r in read_rows(self.path) if r["round"] > self.last]
+        if rows:
+            self.last = rows[-1]["round"]
+        return rows
 
 
 def _failure(status: dict, run_dir: Path) -> str:

@@ -31,3 +31,47 @@ def reply(to: Message, arrays: dict | None, metrics: dict) -> Message:
 def error_reply(to: Message, reason: str) -> Message:
     set_identity(to.metadata.dst_node_id)
     return Message(Error(code=0, reason=reason), reply_to=to)
+
+
+def train_reply(to: Message, arrays: dict | None, examples: object, partition: int = 0,
+                **metrics) -> Message:
+    """A training reply with the metrics every reply carries (loss 1.0 unless given)."""
+    return reply(to, arrays, {"num-examples": examples, "partition-id": partition,
+                              "train_loss": 1.0, **metrics})
+
+
+class FakeGrid:
+    """A Grid stand-in for driving strategies and query rounds without Flower's runtime:
+    ``answer(message)`` returns the node's reply Message, or None when it does not answer
+    (a time-out)."""
+
+    def __init__(self, nodes, answer) -> None:
+        set_identity(0)
+        self.nodes, self.answer, self.sent = list(nodes), answer, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages:  # an evaluation step with fraction_evaluate=0 sends nothing
+            self.sent.append(messages)
+        replies = [self.answer(m) for m in messages]
+        set_identity(0)
+        return [r for r in replies if r is not None]
+
+
+def crash(pid: int) -> list:
+    """A crash of the machine for a run: SIGKILL to ``pid`` and every process below it at
+    once (no finally, no handler runs). Returns the processes, to wait on."""
+    import signal
+
+    import psutil
+
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in tree:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return tree

@@ -15,7 +15,7 @@ def test_weighted_average_golden():
     # (1*1 + 3*3)/4 = 2.5 ; (1*4 + 3*0)/4 = 1.0 ; pruned positions stay exactly 0
     np.testing.assert_array_equal(out["w"], np.array([[2.5, 0.0], [0.0, 1.0]], np.float32))
     assert out["w"].dtype == np.float32
-    assert out["nbt"] == 7 and out["nbt"].dtype == np.int64  # counters: max, not mean
+    assert out["nbt"] == 5 and out["nbt"].dtype == np.int64  # counters: median (3, 7) -> 5
     assert isinstance(out["nbt"], np.ndarray)  # 0-d array (Flower rejects numpy scalars)
 
 
@@ -29,5 +29,11 @@ def test_mismatched_states_are_rejected():
         weighted_average([{"a": np.zeros(1)}, {"b": np.zeros(1)}], [1, 1])
     with pytest.raises(ValueError, match="weights"):
         weighted_average([{"a": np.zeros(1)}], [1, 2])
-    with pytest.raises(ValueError, match="> 0"):
+    with pytest.raises(ValueError, match="positive sum"):
         weighted_average([{"a": np.zeros(1)}], [0])
+
+
+def test_one_client_cannot_set_a_counter():
+    """num_batches_tracked used to take the maximum, so one client set it to 2^62."""
+    states = [{"n": np.array(v, np.int64)} for v in (10, 12, 2**62)]
+    assert weighted_average(states, [1, 1, 1])["n"] == 12

@@ -1,5 +1,6 @@
-"""Every mask method end to end through a real Flower simulation (3 clients, CIFAR-10):
-it finishes at the target density and records what moved."""
+"""Contract: every registered method runs end to end through the same dispatch (the real
+Flower simulation, 3 clients, CIFAR-10): it finishes at its target density, every reply
+is accepted, and it records what moved."""
 
 from __future__ import annotations
 
@@ -9,20 +10,26 @@ import numpy as np
 import pytest
 
 from fedprune.config import load_config
+from fedprune.methods import method_names
 
 SMALL = ["data.num_clients=3", "data.train_subset=600", "data.test_subset=200",
          "model.width=4", "mask.density=0.1", "fed.rounds=3", "train.max_steps=2"]
 
 METHODS = {
-    "snip": ["mask.init=snip", "mask.score_batches=2"],
-    "synflow_vote": ["mask.init=synflow", "mask.consensus=vote"],
-    "prunefl": ["dst.method=prunefl", "dst.r_end=3"],
-    "feddst": ["dst.method=feddst", "dst.r_end=3", "dst.alpha=0.5"],
-    "fedtiny_blocks": ["fedtiny.delta_r=1", "fedtiny.r_end=3", "fedtiny.granularity=block",
-                       "fedtiny.order=reverse"],
+    "fixed_random": ["method.name=fixed", "method.init=random"],
+    "snip": ["method.name=snip", "method.score_batches=2"],
+    "synflow_vote": ["method.name=synflow", "method.consensus=vote"],
+    "prunefl": ["method.name=prunefl", "method.r_end=3"],
+    "feddst": ["method.name=feddst", "method.r_end=3", "method.alpha=0.5"],
+    "fedtiny_blocks": ["method.name=fedtiny", "method.delta_r=1", "method.r_end=3",
+                       "method.granularity=block", "method.order=reverse"],
     # channel granularity: width-4 layers need a looser target to keep a channel each
-    "gates": ["gates.rounds=2", "gates.lam=0.01", "mask.density=0.3"],
+    "gates": ["method.name=gates", "method.rounds=2", "method.lam=0.01", "mask.density=0.3"],
 }
+
+
+def test_the_contract_covers_every_registered_method():
+    assert {m.split("_")[0] for m in METHODS} == set(method_names())
 
 
 def _rows(run):
@@ -56,8 +63,11 @@ def test_method_end_to_end(method, tmp_path, data_root):
         return
     assert kept == round(0.1 * total)  # exact density
     if method in ("snip", "synflow_vote"):
-        record = json.loads((run / "score_init.json").read_text())
-        assert record["clients"] == 3 and record["bytes_up"] > 0
+        record = json.loads((run / "selection.json").read_text())
+        assert record["clients"] == 3 and record["bytes_up"] > 0 and record["rejected"] == 0
+        return
+    if method == "fixed_random":
+        assert all(r["adjusted_layer"] == "" for r in rows)
         return
     moved = [r["adjusted_layer"] for r in rows[1:]]
     assert moved[0] and moved[1] and moved[2] == ""  # rounds 1, 2 adjust; 3 = r_end

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -39,6 +38,18 @@ def _left_over(before: set[int], wait: float = 15.0) -> set[int]:
     while (left := _flower_pids() - before) and time.time() < deadline:
         time.sleep(0.5)
     return left
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants now (Flower detaches some into new sessions)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _still_running(tree: list[psutil.Process], wait: float) -> list[str]:
+    _, alive = psutil.wait_procs(tree, timeout=wait)
+    return [" ".join(p.cmdline()[:3]) for p in alive
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def _fedprune(*args: str, **kwargs) -> subprocess.Popen:
@@ -101,9 +112,8 @@ def test_missing_data_root_fails_before_flower_starts(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_stops_every_process_and_keeps_its_rounds(tmp_path, data_root, sig):
-    before = _flower_pids()
     proc = _fedprune("default", *TINY, "fed.rounds=200", f"run.out_dir={tmp_path}",
                      "run.name=i")
     metrics = tmp_path / "i" / "metrics.jsonl"
@@ -111,24 +121,27 @@ def test_interrupted_run_stops_every_process_and_keeps_its_rounds(tmp_path, data
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.5)
-    proc.send_signal(sig)
-    proc.communicate(timeout=60)
+    tree = _tree(proc.pid)
+    assert any("flower-superlink" in " ".join(p.cmdline()) for p in tree)
+    proc.send_signal(sig)  # SIGKILL: no handler runs; the SuperLink dies with its parent
+    proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert not _left_over(before)
+    assert not _still_running(tree, wait=30)  # this run's processes, all of them
     assert len(metrics.read_text().splitlines()) >= 2  # what was computed is kept
     assert (tmp_path / "i" / "model.safetensors").exists()
 
 
-def test_row_tail_returns_only_complete_new_lines(tmp_path):
+def test_row_tail_returns_each_round_once_and_skips_a_torn_line(tmp_path):
     path = tmp_path / "m.jsonl"
     tail = _RowTail(path)
     assert tail.new() == []  # not written yet
-    path.write_text('{"round": 0}\n{"round": 1')
+    path.write_text('{"round": 0}\n{"round": 1')  # a torn last line (crash mid-write)
     assert tail.new() == [{"round": 0}]
-    with open(path, "a") as f:
-        f.write('}\n{"round": 2}\n')
+    path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n')  # rewritten whole
     assert tail.new() == [{"round": 1}, {"round": 2}]
     assert tail.new() == []
+    resumed = _RowTail(path, after=1)  # a resumed run shows only the rounds after its own
+    assert resumed.new() == [{"round": 2}]
 
 
 def test_stop_tree_reaches_children_in_other_sessions(tmp_path):

@@ -17,7 +17,7 @@ def test_defaults_yaml_and_overrides_merge_in_order():
     assert cfg.data.alpha == 0.1 and cfg.fed.rounds == 3
     assert cfg.mask.exclude == ["conv1.weight"]
     # untouched YAML values survive, untouched schema defaults too
-    assert cfg.data.num_clients == 10 and cfg.mask.init == "erk"
+    assert cfg.data.num_clients == 10 and cfg.method.init == "erk"
     assert cfg.train.momentum == ExperimentConfig().train.momentum
 
 
@@ -34,7 +34,9 @@ def test_every_shipped_config_loads():
     ("data.partitioner=zipf", "dirichlet"),         # wrong value lists the valid choices
     ("mask.density=0", "mask.density"),             # out of range
     ("mask.density=1.5", "mask.density"),
-    ("mask.init=lottery", "global_magnitude"),
+    ("method.init=lottery", "global_magnitude"),
+    ("method.name=lottery", "fedtiny"),             # the registered methods are listed
+    ("mask.init=erk", "mask.init"),                 # a method option outside the method
     ("model.name=resnet50", "resnet8"),
     ("fed.rounds=0", "fed.rounds"),
     ("run.device=tpu", "cuda"),
@@ -74,7 +76,7 @@ def test_pyproject_declares_exactly_the_bridge_keys():
 
     py = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert set(py["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG_KEYS)
-    assert set(RUN_CONFIG_KEYS) == {"config", "overrides", "run_dir"}
+    assert set(RUN_CONFIG_KEYS) == {"config", "overrides", "run_dir", "resume"}
 
 
 def test_run_config_bridge_ignores_run_dir_for_the_experiment(tmp_path):
@@ -89,8 +91,12 @@ def test_with_absolute_paths_anchors_relative_settings_only(tmp_path):
     assert out.data.root == str(tmp_path / "data")
     assert out.run.out_dir == str(tmp_path / "here" / "runs")
     assert out.data.cache_dir == "/abs/cache"
-    assert out.mask.file == ""  # unset stays unset (the env var / hub fallback)
+    assert out.method.file == ""  # unset stays unset
     assert cfg.data.root == "../data"  # a copy: the input is untouched
+    # a method's own path options are anchored too
+    reinit = load_config("default", ["method.init=file", "method.file=m/mask.safetensors"])
+    assert with_absolute_paths(reinit, base=tmp_path).method.file == str(
+        tmp_path / "m" / "mask.safetensors")
 
 
 def test_cli_rejects_bad_key_before_any_work(tmp_path):
@@ -102,9 +108,25 @@ def test_cli_rejects_bad_key_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was started or written
 
 
-def test_wire_config_rejects_unknown_keys_and_bad_values():
+def test_wire_config_goes_through_the_same_checks_as_files():
     text = to_yaml(load_config("default"))
     with pytest.raises(ConfigError, match="data.alpah"):
         from_yaml(text.replace("alpha:", "alpah:"))
     with pytest.raises(ConfigError, match="mask.density"):
         from_yaml(text.replace("density: 0.1", "density: 2.0"))
+    # the old wire loader accepted a bool as a count and failed with a bare TypeError on
+    # a string number; the one loader converts or refuses with the key named
+    with pytest.raises(ConfigError, match="data.num_clients"):
+        from_yaml(text.replace("num_clients: 10", "num_clients: true"))
+    assert from_yaml(text.replace("rounds: 15", "rounds: '3'")).fed.rounds == 3
+    with pytest.raises(ConfigError, match="fed.rounds"):
+        from_yaml(text.replace("rounds: 15", "rounds: three"))
+    with pytest.raises(ConfigError, match="mapping"):
+        from_yaml("- a list")
+
+
+def test_switching_the_method_drops_the_files_options_for_the_old_one():
+    cfg = load_config("default", ["method.name=gates", "method.rounds=2", "mask.density=0.5"])
+    assert cfg.method.name == "gates" and cfg.method.rounds == 2  # default.yaml's init dropped
+    with pytest.raises(ConfigError, match="method.init"):  # an option of another method
+        load_config("default", ["method.name=gates", "method.init=erk"])

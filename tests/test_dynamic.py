@@ -13,8 +13,8 @@ from torch import nn
 from fedprune.config import TrainConfig
 from fedprune.fedtiny.progressive import Schedule
 from fedprune.fl.dynamic import (GradSquareAccumulator, client_adjust, layer_moves,
-                                 local_prune_grow, masked_state, prunefl_reselect,
-                                 sparse_average, vote_masks)
+                                 masked_state, prunefl_reselect, sparse_average, vote_masks)
+from fedprune.masks.regrow import prune_and_grow
 from fedprune.train import train_local
 
 B = np.array  # shorthand for hand-built arrays
@@ -66,7 +66,7 @@ def test_sparse_average_golden():
     np.testing.assert_array_equal(out["w"], B([[4.0, 2.0], [7.0, 0.0]], dtype=np.float32))
     assert out["w"].dtype == np.float32
     np.testing.assert_allclose(out["b"], [1.75])  # unmasked: plain weighted mean
-    assert out["n"] == 5 and out["n"].dtype == np.int64  # counters: as weighted_average
+    assert out["n"] == 4 and out["n"].dtype == np.int64  # counters: median, as weighted_average
     with pytest.raises(ValueError, match="one state, mask set and weight per client"):
         sparse_average(states, masks, [1])
 
@@ -143,28 +143,28 @@ def test_grad_square_accumulator_sees_pruned_positions_during_train_local():
 # ----------------------------------------------------------------------------- FedDST client
 
 
-def test_local_prune_grow_golden_never_regrows_what_it_drops():
+def test_prune_and_grow_golden_never_regrows_what_it_drops():
     weight = torch.tensor([[0.9, 0.0, 0.05, 0.0], [0.0, 0.7, 0.0, -0.02]])
     mask = weight != 0  # active: flat 0, 2, 5, 7
     # the two weights about to be dropped (2, 7) carry the largest gradients
     grad = torch.tensor([[0.0, 0.1, 50.0, -3.0], [2.0, 0.0, 0.5, 100.0]])
-    new_w, new_m = local_prune_grow(weight, mask, grad, k=2)
+    new_w, new_m = prune_and_grow(weight, mask, grad.abs(), k=2)
     # drop 7 (|-0.02|) and 2 (0.05); grow 3 and 4 (largest |g| among 1, 3, 4, 6)
     assert new_m.view(-1).tolist() == [True, False, False, True, True, True, False, False]
     assert new_w.view(-1).tolist() == pytest.approx([0.9, 0, 0, 0, 0, 0.7, 0, 0])
     assert torch.equal(mask, weight != 0)  # input untouched
     # ties: equal |w| drops the earlier position, equal |g| grows the earlier one
-    w2, m2 = local_prune_grow(torch.tensor([0.3, 0.0, 0.3, 0.0]),
+    w2, m2 = prune_and_grow(torch.tensor([0.3, 0.0, 0.3, 0.0]),
                               torch.tensor([True, False, True, False]),
                               torch.tensor([0.0, 1.0, 0.0, 1.0]), k=1)
     assert m2.tolist() == [False, True, True, False]
     assert w2.tolist() == pytest.approx([0.0, 0.0, 0.3, 0.0])
 
 
-def test_local_prune_grow_rejects_k_beyond_what_can_move():
+def test_prune_and_grow_rejects_k_beyond_what_can_move():
     mask = torch.tensor([True, True, True, False])
     with pytest.raises(ValueError, match=r"K=2 must be in \[0, min\(active=3, pruned=1\)\]"):
-        local_prune_grow(torch.ones(4), mask, torch.ones(4), k=2)
+        prune_and_grow(torch.ones(4), mask, torch.ones(4), k=2)
 
 
 def _tiny_model():

@@ -1,13 +1,14 @@
-"""Progressive pruning pieces: schedule, bounded top-K buffer, sparse aggregation, prune-and-grow."""
+"""Progressive pruning pieces: schedule, bounded top-K buffer, sparse growth scores and the
+shared prune-and-grow, and FedTiny's server step on hand-built top-K replies."""
 
 from __future__ import annotations
 
-
+import numpy as np
 import pytest
 import torch
 
-from fedprune.fedtiny.progressive import (Schedule, TopKBuffer, aggregate_topk,
-                                          prune_and_grow)
+from fedprune.fedtiny.progressive import Schedule, TopKBuffer
+from fedprune.masks.regrow import prune_and_grow, sparse_scores
 
 
 def test_schedule_golden_and_bad_input():
@@ -59,13 +60,10 @@ def test_topk_buffer_allocates_nothing_of_the_layer_size():
     assert biggest < dense / 5
 
 
-def test_aggregate_topk_weighted_sum_and_range_check():
-    idx, val = aggregate_topk([(torch.tensor([1, 4]), torch.tensor([2.0, 4.0]), 1),
-                               (torch.tensor([4, 6]), torch.tensor([8.0, 1.0]), 3)], numel=10)
-    assert idx.tolist() == [1, 4, 6]
-    torch.testing.assert_close(val, torch.tensor([0.5, 7.0, 0.75], dtype=torch.float64))
-    with pytest.raises(ValueError, match="out of range"):
-        aggregate_topk([(torch.tensor([10]), torch.tensor([1.0]), 1)], numel=10)
+def test_sparse_scores_mark_only_the_reported_positions():
+    score = sparse_scores(6, torch.tensor([1, 4]), torch.tensor([-2.0, 0.5]))
+    assert score[[1, 4]].tolist() == [2.0, 0.5]
+    assert torch.isnan(score[[0, 2, 3, 5]]).all()
 
 
 def test_prune_and_grow_keeps_density_and_moves_the_planted_weights():
@@ -73,12 +71,61 @@ def test_prune_and_grow_keeps_density_and_moves_the_planted_weights():
     mask = weight != 0  # 4 active
     grad_index = torch.tensor([1, 3, 4, 6, 0])  # 0 is active: ignored for growth
     grad_value = torch.tensor([0.1, -3.0, 2.0, 0.5, 9.0])
-    new_w, new_m = prune_and_grow(weight, mask, grad_index, grad_value, k=2)
+    new_w, new_m = prune_and_grow(weight, mask, sparse_scores(8, grad_index, grad_value), k=2)
     assert int(new_m.sum()) == int(mask.sum())  # density exact
     # grown: flat 3 and 4 (largest |g| among pruned); pruned: -0.02 (7) and 0.05 (2)
     assert new_m.view(-1).tolist() == [True, False, False, True, True, True, False, False]
     assert new_w.view(-1)[[3, 4]].tolist() == [0.0, 0.0]  # grown weights start at zero
     assert new_w.view(-1)[[0, 5]].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_prune_and_grow_moves_fewer_when_fewer_candidates_were_reported():
+    weight = torch.tensor([0.9, 0.0, 0.05, 0.0, 0.7, 0.0])
+    mask = weight != 0  # 3 active, 3 pruned; only position 3 reported
+    new_w, new_m = prune_and_grow(weight, mask, sparse_scores(6, torch.tensor([3]),
+                                                              torch.tensor([1.0])), k=2)
+    assert new_m.tolist() == [True, False, False, True, True, False]  # one moved each way
+    assert new_w.tolist() == pytest.approx([0.9, 0, 0, 0, 0.7, 0])
+
+
+def test_fedtiny_server_grows_the_example_weighted_largest_gradient():
+    """Two clients' sparse top-K through the strategy: the position with the largest
+    example-weighted sum grows, not the one with the single largest entry."""
+    from fedprune.config import load_config
+    from fedprune.fl.server_core import SparseServer
+    from fedprune.masks import wire
+    from fedprune.methods import method_class
+    from server.experiment import make_strategy
+    from flower_helpers import server_message, train_reply
+    from flwr.app import Array, ArrayRecord
+
+    base = ["model.width=2", "mask.density=0.3", "data.num_clients=2", "fed.rounds=4",
+            "method.name=fedtiny", "method.delta_r=1", "method.order=fc.weight"]
+    active = int(SparseServer(load_config("default", base)).masks["fc.weight"].sum())
+    # K = int(alpha/2 (1 + cos(pi/3)) * active) = int(0.75 alpha * active) = 1
+    cfg = load_config("default", [*base, f"method.alpha={1.2 / (0.75 * active)}"])
+    core = SparseServer(cfg)
+    method = method_class("fedtiny")(cfg, core)
+    strategy = make_strategy(cfg, core, method)
+    plan = strategy.plans[1] = method.plan(1)
+    assert plan.config["layers"] == ["fc.weight"] and plan.config["ks"] == [1]
+    off = np.flatnonzero(~core.masks["fc.weight"].reshape(-1))
+    a, b = off[0], off[1]
+    # client 0 (1 example): a=10; client 1 (9 examples): b=2 -> weighted a=1.0, b=1.8
+    tops = [{"fc.weight": (np.array([a]), np.array([10.0], np.float32))},
+            {"fc.weight": (np.array([b]), np.array([2.0], np.float32))}]
+    replies = []
+    for pid, (top, n) in enumerate(zip(tops, (1, 9))):
+        msg = train_reply(server_message(pid + 1, {}, {}),
+                          wire.encode_up(core.state, core.masks), n, pid)
+        msg.content["fedtiny"] = ArrayRecord({k: Array(v) for k, v in
+                                              wire.encode_sparse(top).items()})
+        replies.append(msg)
+    strategy.aggregate_train(1, replies)
+    new = core.masks["fc.weight"].reshape(-1)
+    assert new[b] and not new[a]
+    assert strategy.stats[1]["adjusted_layer"] == "fc.weight"
+    assert strategy.stats[1]["adjusted_k"] == 1
 
 
 def test_adjustment_plan_layers_blocks_and_order():

@@ -19,7 +19,7 @@ def test_file_masks_on_fresh_weights(tmp_path):
     first = SparseServer(_cfg())
     path = tmp_path / "mask.safetensors"
     save_file({n: m.astype(np.uint8) for n, m in first.masks.items()}, str(path))
-    again = SparseServer(_cfg("mask.init=file", f"mask.file={path}", "run.seed=1"))
+    again = SparseServer(_cfg("method.init=file", f"method.file={path}", "run.seed=1"))
     for name, mask in first.masks.items():
         np.testing.assert_array_equal(again.masks[name], mask)  # same architecture
         assert np.all(again.state[name][~mask] == 0)
@@ -45,5 +45,5 @@ def test_bad_mask_files_name_the_problem(tmp_path):
         with pytest.raises(ValueError, match="fc.weight|conv1.weight") as err:
             load_masks(path, model)
         assert what.split("_")[0][:4] in str(err.value) or "missing" in str(err.value)
-    with pytest.raises(Exception, match="mask.file"):
-        load_config("default", ["mask.init=file"])  # init=file needs the file
+    with pytest.raises(Exception, match="method.file"):
+        load_config("default", ["method.init=file"])  # init=file needs the file

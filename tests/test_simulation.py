@@ -56,15 +56,15 @@ def test_adaptive_bn_selection_before_training(tmp_path, data_root):
     cfg = load_config("default", [
         "data.num_clients=3", "data.train_subset=900", "data.test_subset=300",
         "model.width=4", "mask.density=0.1", "fed.rounds=1", "train.max_steps=2",
-        "fedtiny.candidates=4", f"run.out_dir={tmp_path}", "run.name=bn",
+        "method.name=fedtiny", "method.candidates=4", f"run.out_dir={tmp_path}", "run.name=bn",
     ])
     summary = simulate(cfg, tmp_path / "bn")
-    sel = json.loads((tmp_path / "bn" / "bn_selection.json").read_text())
+    sel = json.loads((tmp_path / "bn" / "selection.json").read_text())
     assert sel["candidates"][:3] == ["uniform", "erk", "global_magnitude"]
     assert sel["clients_stats"] == 3 and sel["clients_losses"] == 3
     assert sel["chosen"] == sel["candidates"][int(np.argmin(sel["weighted_losses"]))]
     assert sel["bytes_down"] > 0 and sel["bytes_up"] > 0
-    assert summary["bn_selection"]["chosen"] == sel["chosen"]
+    assert summary["selection"]["chosen"] == sel["chosen"]
     masks = load_file(str(tmp_path / "bn" / "mask.safetensors"))
     kept = sum(int(m.sum()) for m in masks.values())
     assert kept == round(0.1 * sum(m.size for m in masks.values()))
@@ -82,15 +82,16 @@ def test_fedtiny_progressive_pruning_end_to_end(tmp_path, data_root):
 
     overrides = ["data.num_clients=3", "data.train_subset=900", "data.test_subset=300",
                  "model.width=4", "mask.density=0.1", "fed.rounds=3", "train.max_steps=3",
-                 "fedtiny.candidates=3", "fedtiny.delta_r=1", "fedtiny.r_end=3",
-                 "fedtiny.alpha=0.3", f"run.out_dir={tmp_path}", "run.name=ft"]
+                 "method.name=fedtiny", "method.candidates=3", "method.delta_r=1",
+                 "method.r_end=3", "method.alpha=0.3", f"run.out_dir={tmp_path}",
+                 "run.name=ft"]
     cfg = load_config("default", overrides)
     simulate(cfg, tmp_path / "ft")
     rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     moved = [r["adjusted_layer"] for r in rows[1:]]
     assert moved[0] and moved[1] and moved[2] == ""  # rounds 1 and 2 adjust, 3 >= r_end
     assert moved[0] != moved[1] and all(r["adjusted_k"] >= 0 for r in rows)
-    chosen = json.loads((tmp_path / "ft" / "bn_selection.json").read_text())["chosen"]
+    chosen = json.loads((tmp_path / "ft" / "selection.json").read_text())["chosen"]
     dense = build_model(cfg.model, cfg.data.dataset)
     load_state_(dense, SparseServer(cfg).initial_state)
     start = dict(build_candidates(dense, 0.1, 3, cfg.mask.seed))[chosen]

@@ -48,28 +48,27 @@ def test_every_row_has_a_config_in_both_dirs():
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_loads_and_defines_its_method(path):
     cfg = load_config(str(path))
-    method = path.stem.split("_")[0]
-    dynamic = (cfg.fedtiny.delta_r > 0, cfg.dst.method != "none", cfg.gates.rounds > 0)
-    if method == "dense":
-        assert (cfg.mask.init, cfg.mask.density, sum(dynamic)) == ("dense", 1.0, 0)
-    elif method in ("random", "erk", "snip", "synflow"):
-        assert (cfg.mask.init, cfg.mask.density, sum(dynamic)) == (method, 0.05, 0)
-    elif method in ("prunefl", "feddst"):
-        assert (cfg.mask.init, cfg.dst.method) == ("erk", method)
-        assert cfg.dst.delta_r == (2 if cfg.fed.rounds == 12 else 10)
-    elif method == "gates":
-        assert cfg.mask.init == "dense" and cfg.mask.density == 0.05
-        assert cfg.gates.rounds == cfg.fed.rounds // 3
-    elif method == "fedtiny":
-        assert cfg.fedtiny.candidates == 5
-        assert cfg.fedtiny.delta_r == (1 if cfg.fed.rounds == 12 else 5)
-        assert cfg.mask.init == "erk" and cfg.dst.method == "none"
-    elif method == "progonly":  # ablation: progressive pruning from ERK, no BN selection
-        assert cfg.fedtiny.candidates == 0 and cfg.fedtiny.delta_r == 1
-        assert cfg.mask.init == "erk" and cfg.dst.method == "none"
-    elif method == "reinit":
-        assert cfg.mask.init == "file" and cfg.run.seed == 1 and sum(dynamic) == 0
-        assert cfg.mask.file.endswith("fedtiny-a0.5-d0.05/mask.safetensors")
+    row, m = path.stem.split("_")[0], cfg.method
+    if row == "dense":
+        assert (m.name, m.init, cfg.mask.density) == ("fixed", "dense", 1.0)
+    elif row in ("random", "erk"):
+        assert (m.name, m.init, cfg.mask.density) == ("fixed", row, 0.05)
+    elif row in ("snip", "synflow"):
+        assert (m.name, m.consensus, cfg.mask.density) == (row, "average", 0.05)
+    elif row in ("prunefl", "feddst"):
+        assert (m.name, m.init) == (row, "erk")
+        assert m.delta_r == (2 if cfg.fed.rounds == 12 else 10)
+    elif row == "gates":
+        assert m.name == "gates" and cfg.mask.density == 0.05
+        assert m.rounds == cfg.fed.rounds // 3
+    elif row == "fedtiny":
+        assert (m.name, m.candidates) == ("fedtiny", 5)
+        assert m.delta_r == (1 if cfg.fed.rounds == 12 else 5)
+    elif row == "progonly":  # ablation: progressive pruning from ERK, no BN selection
+        assert (m.name, m.candidates, m.delta_r, m.init) == ("fedtiny", 0, 1, "erk")
+    elif row == "reinit":
+        assert (m.name, m.init, cfg.run.seed) == ("fixed", "file", 1)
+        assert m.file.endswith("fedtiny-a0.5-d0.05/mask.safetensors")
     else:
         pytest.fail(f"unknown row {path.stem}")
     assert (cfg.data.partitioner, cfg.data.alpha) == ("dirichlet", 0.5)
@@ -119,22 +118,22 @@ def test_dry_run_commands_and_reinit_mask_file(tools, capsys, tmp_path):
     cfg_dir = REPO / "experiments" / "configs" / "noniid"
     assert cmds[2] == [sys.executable, "-m", "fedprune.cli", "run", str(cfg_dir / "reinit.yaml"),
                        "data.partitioner=dirichlet", "data.alpha=0.5", "mask.density=0.01",
-                       f"mask.file={runs / 'fedtiny-a0.5-d0.01' / 'mask.safetensors'}",
+                       f"method.file={runs / 'fedtiny-a0.5-d0.01' / 'mask.safetensors'}",
                        "train.lr=0.1", f"run.out_dir={runs}", "run.name=reinit-a0.5-d0.01"]
     assert cmds[0][4:] == [str(cfg_dir / "dense.yaml"), "data.partitioner=dirichlet",
                            "data.alpha=0.5", "train.lr=0.1", f"run.out_dir={runs}",
                            "run.name=dense-a0.5-d1.0"]
     assert cmds[6][5:7] == ["data.partitioner=iid", "mask.density=0.01"]
-    assert f"mask.file={runs / 'fedtiny-aiid-d0.1' / 'mask.safetensors'}" in cmds[9]
+    assert f"method.file={runs / 'fedtiny-aiid-d0.1' / 'mask.safetensors'}" in cmds[9]
 
 
 def test_rounds_override_scales_gates(tools, capsys, tmp_path):
     lines = _dry_run(tools, capsys, "--methods", "gates", "--alphas", "0.1", "--densities",
                      "0.05", "--rounds", "6", "--out", str(tmp_path))
-    assert "fed.rounds=6 gates.rounds=2" in lines[0]  # 4 of 12 -> 2 of 6
+    assert "fed.rounds=6 method.rounds=2" in lines[0]  # 4 of 12 -> 2 of 6
     lines = _dry_run(tools, capsys, "--methods", "gates", "--alphas", "0.1", "--densities",
                      "0.05", "--set", "fed.rounds=2", "--out", str(tmp_path))
-    assert lines[0].endswith(f"fed.rounds=2 gates.rounds=1 run.out_dir={tmp_path.resolve()}"
+    assert lines[0].endswith(f"fed.rounds=2 method.rounds=1 run.out_dir={tmp_path.resolve()}"
                              "/runs run.name=gates-a0.1-d0.05")
 
 
@@ -288,6 +287,6 @@ def test_memory_plot_drawn_or_skipped(tools, tmp_path):
 def test_resume_compares_mask_file_as_a_path(tools):
     _, sweep = tools
     rel = "experiments/results/noniid/runs/fedtiny-a0.5-d0.05/mask.safetensors"
-    assert sweep._same("mask.file", rel, str(REPO / rel))
-    assert not sweep._same("mask.file", rel, str(REPO / rel.replace("d0.05", "d0.1")))
+    assert sweep._same("method.file", rel, str(REPO / rel))
+    assert not sweep._same("method.file", rel, str(REPO / rel.replace("d0.05", "d0.1")))
     assert not sweep._same("train.lr", 0.05, 0.1)

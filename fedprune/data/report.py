@@ -9,6 +9,7 @@ holding only labels that are rare overall.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fedprune.config import DataConfig
+from fedprune.data.cache import atomic_write
 from fedprune.data.partitioning import partition
 from fedprune.data.sources import load_split
 
@@ -47,11 +49,12 @@ def partition_summary(counts: np.ndarray) -> dict[str, float]:
 
 
 def _write_csv(path: Path, counts: np.ndarray) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["client", "size"] + [f"label_{k}" for k in range(counts.shape[1])])
-        for client, row in enumerate(counts):
-            writer.writerow([client, int(row.sum())] + [int(c) for c in row])
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["client", "size"] + [f"label_{k}" for k in range(counts.shape[1])])
+    for client, row in enumerate(counts):
+        writer.writerow([client, int(row.sum())] + [int(c) for c in row])
+    atomic_write(path, lambda f: f.write(out.getvalue().encode()))
 
 
 def _write_markdown(path: Path, cfg: DataConfig, counts: np.ndarray,
@@ -72,7 +75,8 @@ def _write_markdown(path: Path, cfg: DataConfig, counts: np.ndarray,
     for client, row in enumerate(counts):
         cells = [str(client), str(int(row.sum()))] + [str(int(c)) for c in row]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _write_heatmap(path: Path, cfg: DataConfig, counts: np.ndarray) -> None:
@@ -92,7 +96,9 @@ def _write_heatmap(path: Path, cfg: DataConfig, counts: np.ndarray) -> None:
             ax.text(k, i, str(value), ha="center", va="center", fontsize=7,
                     color="black" if value > threshold else "white")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def partition_report(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:

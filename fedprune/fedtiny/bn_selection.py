@@ -8,7 +8,9 @@ returns the mean loss and its example count; the server keeps the candidate with
 lowest example-weighted loss (``candidates.select_candidate``).
 
 Payload keys: ``"<k>/<wire key>"`` for candidate k's model (``masks.wire.encode_down``);
-statistics ``"<k>/<bn>/mean|var|count"``.
+statistics ``"<k>/<bn>/mean|var|count"``. The server checks replies against the spec in
+``fedprune.methods.fedtiny`` (finite means, non-negative variances, counts equal to the
+client's examples times the layer's positions per example).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def _local_batches(cfg: ExperimentConfig, partition_id: int):
 
 
 def client_bn_stats(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]
-                    ) -> dict[str, np.ndarray]:
-    """Round A on a client: exact BN input statistics of every candidate on local data."""
-    _, batches = _local_batches(cfg, partition_id)
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """Round A on a client: exact BN input statistics of every candidate on local data,
+    and the example count."""
+    data, batches = _local_batches(cfg, partition_id)
     device = select_device(cfg.run.device)
     out = {}
     for k, model in enumerate(_unpack_candidates(cfg, payload)):
@@ -61,7 +64,7 @@ def client_bn_stats(cfg: ExperimentConfig, partition_id: int, payload: dict[str,
             out[f"{k}/{name}/mean"] = s.mean
             out[f"{k}/{name}/var"] = s.var
             out[f"{k}/{name}/count"] = np.array(s.count, dtype=np.int64)
-    return out
+    return out, len(data)
 
 
 def client_candidate_losses(cfg: ExperimentConfig, partition_id: int,
@@ -71,30 +74,6 @@ def client_candidate_losses(cfg: ExperimentConfig, partition_id: int,
     device = select_device(cfg.run.device)
     return ([evaluate(m, batches, device)["loss"] for m in _unpack_candidates(cfg, payload)],
             len(data))
-
-
-def parse_bn_reply(payload: dict[str, np.ndarray], expected: dict[str, int], count: int,
-                   client: str) -> list[dict[str, BNStats]]:
-    """Strictly decode one client's Round A reply: ``expected`` = BN layer -> channels."""
-    want = {f"{k}/{n}/{f}" for k in range(count) for n in expected for f in STAT_FIELDS}
-    if set(payload) != want:
-        extra, missing = sorted(set(payload) - want), sorted(want - set(payload))
-        raise ValueError(f"{client}: BN statistics reply has unknown {extra[:3]} / "
-                         f"missing {missing[:3]} entries")
-    out = []
-    for k in range(count):
-        stats = {}
-        for name, channels in expected.items():
-            mean, var = payload[f"{k}/{name}/mean"], payload[f"{k}/{name}/var"]
-            if mean.shape != (channels,) or var.shape != (channels,):
-                raise ValueError(f"{client}: BN layer {name!r} statistics of shape "
-                                 f"{mean.shape}/{var.shape}, expected ({channels},)")
-            n = int(payload[f"{k}/{name}/count"])
-            if n <= 0 or not np.all(np.isfinite(mean)) or np.any(var < 0):
-                raise ValueError(f"{client}: BN layer {name!r} has invalid statistics")
-            stats[name] = BNStats(n, mean.astype(np.float64), var.astype(np.float64))
-        out.append(stats)
-    return out
 
 
 def with_pooled_bn(cfg: ExperimentConfig, state: dict[str, np.ndarray],

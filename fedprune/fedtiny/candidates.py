@@ -11,6 +11,7 @@ BN statistics pooled from the clients, has the lowest example-weighted loss wins
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,13 +25,15 @@ BASE = ("uniform", "erk", "global_magnitude")
 
 
 def build_candidates(model: nn.Module, density: float, count: int, seed: int = 0,
-                     spread: float = 2.0) -> list[tuple[str, dict[str, torch.Tensor]]]:
-    """``count`` (name, masks) candidates, all keeping exactly round(density * N) weights."""
+                     spread: float = 2.0, exclude: Sequence[str] = ()
+                     ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """``count`` (name, masks) candidates, all keeping exactly round(density * N) weights
+    of the prunable tensors outside ``exclude``."""
     if count < 1:
-        raise ValueError(f"fedtiny.candidates={count} must be >= 1")
-    out = [(name, init_masks(model, density, name)) for name in BASE[:count]]
+        raise ValueError(f"method.candidates={count} must be >= 1")
+    out = [(name, init_masks(model, density, name, exclude=exclude)) for name in BASE[:count]]
     params = dict(model.named_parameters())
-    weights = {n: params[n].detach() for n in prunable_names(model)}
+    weights = {n: params[n].detach() for n in prunable_names(model, exclude)}
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
     numels = {n: w.numel() for n, w in weights.items()}
     base = erk_densities(shapes, density)

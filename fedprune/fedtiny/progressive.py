@@ -5,7 +5,8 @@ training, only the top-K gradients (by magnitude) at that layer's *pruned* posit
 bounded buffer: never a dense per-layer gradient beyond the one backpropagation itself
 produces. The server sums the clients' sparse top-K (weighted by examples), grows the K
 positions with the largest aggregated gradient and prunes the K smallest-magnitude active
-weights of that layer, so the density is unchanged. Grown weights start at zero (RigL).
+weights of that layer, so the density is unchanged (``fedprune.masks.regrow``, the one
+prune-and-grow every method uses). Grown weights start at zero (RigL).
 
 ``K = alpha_t * active``, ``alpha_t = alpha / 2 * (1 + cos(pi * t / r_end))`` (the cosine
 decay of RigL, Evci et al. 2020, which FedTiny adopts).
@@ -30,13 +31,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.delta_r <= 0:
-            raise ValueError(f"fedtiny.delta_r={self.delta_r} must be > 0")
+            raise ValueError(f"method.delta_r={self.delta_r} must be > 0")
         if self.r_end == 0:
             self.r_end = max(1, (3 * self.rounds) // 4)
         if not 0 < self.r_end <= self.rounds:
-            raise ValueError(f"fedtiny.r_end={self.r_end} must be in [1, fed.rounds={self.rounds}]")
+            raise ValueError(f"method.r_end={self.r_end} must be in [1, fed.rounds={self.rounds}]")
         if not 0 < self.alpha <= 1:
-            raise ValueError(f"fedtiny.alpha={self.alpha} must be in (0, 1]")
+            raise ValueError(f"method.alpha={self.alpha} must be in (0, 1]")
 
     def adjusts(self, server_round: int) -> bool:
         return server_round < self.r_end and server_round % self.delta_r == 0
@@ -119,42 +120,6 @@ class TopKBuffer:
         return len(self.index)
 
 
-def aggregate_topk(replies: list[tuple[torch.Tensor, torch.Tensor, int]], numel: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Example-weighted sum of clients' sparse (index, value) gradients."""
-    idx, val = [], []
-    total = sum(n for _, _, n in replies)
-    if total <= 0:
-        raise ValueError("aggregate_topk needs replies with a positive example count")
-    for index, value, n in replies:
-        if len(index) and (int(index.min()) < 0 or int(index.max()) >= numel):
-            raise ValueError(f"top-K index out of range [0, {numel})")
-        idx.append(index.long())
-        val.append(value.double() * (n / total))
-    uniq, inverse = torch.unique(torch.cat(idx), return_inverse=True)
-    return uniq, torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.cat(val))
-
-
-@torch.no_grad()
-def prune_and_grow(weight: torch.Tensor, mask: torch.Tensor, grad_index: torch.Tensor,
-                   grad_value: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grow the K pruned positions with the largest |aggregated gradient|, prune the K
-    smallest-|w| active weights (not the ones just grown). Returns (weight, mask), same
-    number of kept weights as before; grown weights are zero."""
-    flat_w, flat_m = weight.reshape(-1).clone(), mask.reshape(-1).clone()
-    pruned = ~flat_m[grad_index]
-    cand_idx, cand_val = grad_index[pruned], grad_value[pruned].abs()
-    k = min(k, len(cand_idx), int(flat_m.sum()))
-    grow = cand_idx[torch.topk(cand_val, k).indices] if k else cand_idx[:0]
-    score = flat_w.abs().masked_fill(~flat_m, float("inf"))  # only active weights compete
-    drop = torch.topk(score, k, largest=False).indices
-    flat_m[drop] = False
-    flat_w[drop] = 0
-    flat_m[grow] = True
-    flat_w[grow] = 0
-    return flat_w.view_as(weight), flat_m.view_as(mask)
-
-
 def tensor_blocks(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
     """Masked tensor name -> the block it belongs to: its nearest ancestor module that is
     neither the model itself nor a plain container (``nn.Sequential``/``ModuleList``/
@@ -186,7 +151,7 @@ def adjustment_plan(names: list[str], granularity: str = "layer", order: str = "
     "forward" (model order), "reverse", or comma-separated tensor or block names, each
     naming a group exactly."""
     if granularity not in ("layer", "block"):
-        raise ValueError(f"fedtiny.granularity={granularity!r}; choose 'layer' or 'block'")
+        raise ValueError(f"method.granularity={granularity!r}; choose 'layer' or 'block'")
     if granularity == "block" and blocks is None:
         raise ValueError("granularity='block' needs the tensor -> block map")
     groups: dict[str, list[str]] = {}
@@ -199,6 +164,6 @@ def adjustment_plan(names: list[str], granularity: str = "layer", order: str = "
     wanted = [w.strip() for w in order.split(",") if w.strip()]
     unknown = [w for w in wanted if w not in groups]
     if unknown or not wanted:
-        raise ValueError(f"fedtiny.order names {unknown or order!r}, which are not "
+        raise ValueError(f"method.order names {unknown or order!r}, which are not "
                          f"{granularity}s of the model; valid: {list(groups)}")
     return [groups[w] for w in wanted]

@@ -1,14 +1,13 @@
 """A client's side of sparse federated training, without Flower.
 
 The client rebuilds the model, decodes the global weights and mask, trains on its own
-partition only with the mask enforced, and returns only the kept values (plus what the
-round's mask-adjustment method asks for: ``client_adjust.py``). Before training it can
-also score the dense initial model for SNIP / SynFlow masks (``client_scores``).
+partition only with the mask enforced, and returns only the kept values, plus what the
+method's plan for the round asks for (its client part, ``fedprune.methods``). Query rounds
+before training go to the method's client part too (``client_query``).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -17,10 +16,16 @@ import torch
 from ..config import ExperimentConfig
 from ..data import client_split, make_loader
 from ..masks import wire
-from ..models import build_model, input_shape
+from ..models import build_model
 from ..train import evaluate, select_device, train_local
-from .client_adjust import make_client_adjust
 from .server_core import load_state_, model_state
+
+
+def client_method(cfg: ExperimentConfig):
+    """The configured method's client part."""
+    from ..methods import method_class
+
+    return method_class(cfg.method.name).client_cls(cfg)
 
 
 def prepare_model(cfg: ExperimentConfig, payload: dict[str, np.ndarray]):
@@ -49,10 +54,10 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
                  ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, dict]]:
     """Train on this client's partition; return (payload up, metrics, extra records).
 
-    ``plan``: the server's mask-adjustment plan for this round (``adjust-method`` and its
-    entries; ``fedprune.fl.client_adjust``), ``extras``: the extra records sent with it.
-    The payload up carries the kept values under the global mask, or, when the method
-    changed this client's mask (FedDST), the client's own mask bits and kept values."""
+    ``plan``: the method's plan entries for this round (None: no plan, plain training),
+    ``extras``: the extra records sent with it. The payload up carries the kept values
+    under the global mask, or, when the method changed this client's mask (FedDST), the
+    client's own mask bits and kept values."""
     t0 = time.perf_counter()
     model, masks = prepare_model(cfg, payload)
     data = client_split(cfg.data, partition_id)
@@ -62,7 +67,8 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
     masks_t = {k: torch.from_numpy(v) for k, v in masks.items()}
     device = select_device(cfg.run.device)
     model.to(device)
-    method = make_client_adjust(plan, cfg, model, masks_t, extras or {}, device)
+    method = (client_method(cfg).training(plan, extras or {}, model, masks_t, device)
+              if plan is not None else None)
     stats = train_local(model, loader, cfg.train, masks_t, device,
                         on_backward=method and method.hook,
                         regularizer=method and method.regularizer,
@@ -79,31 +85,10 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
                    "compute_seconds": time.perf_counter() - t0}, records
 
 
-def client_scores(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]
-                  ) -> tuple[dict[str, np.ndarray], int]:
-    """SNIP / SynFlow scores of the dense initial model on this client's data: either the
-    scores (``score/<name>``) or, for ``mask.consensus=vote``, this client's own top-k
-    mask (``mask/<name>``, packed bits). Returns (arrays, example count)."""
-    from ..masks.saliency import masks_from_scores, snip_scores, synflow_scores
-
-    model, masks = prepare_model(cfg, payload)
-    data = client_split(cfg.data, partition_id)
-    device = select_device(cfg.run.device)
-    names = list(masks)
-    if cfg.mask.init == "snip":
-        loader = make_loader(data, cfg.data.dataset, cfg.train.batch_size, shuffle=True,
-                             augment=False, seed=cfg.run.seed * 100_003 + partition_id)
-        batches = list(itertools.islice(loader, cfg.mask.score_batches or None))
-        scores = snip_scores(model, batches, names, device)
-    elif cfg.mask.init == "synflow":
-        scores = synflow_scores(model, input_shape(cfg.data.dataset), names,
-                                cfg.mask.density, device=device)
-    else:
-        raise ValueError(f"mask.init={cfg.mask.init!r} is not scored by clients")
-    if cfg.mask.consensus == "vote":
-        own = masks_from_scores(scores, cfg.mask.density)
-        return {f"mask/{n}": wire.pack_mask(m.cpu().numpy()) for n, m in own.items()}, len(data)
-    return {f"score/{n}": s.cpu().numpy().astype(np.float32) for n, s in scores.items()}, len(data)
+def client_query(cfg: ExperimentConfig, partition_id: int, kind: str,
+                 payload: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """A query round before training, answered by the method's client part."""
+    return client_method(cfg).answer(kind, partition_id, payload)
 
 
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]

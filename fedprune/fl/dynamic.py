@@ -31,8 +31,9 @@ Communicating Less, Yet Learning Better", AAAI 2022). Every ``delta_r`` rounds e
 after its local training, runs RigL (Evci et al. 2020) on every layer: drop the K
 smallest-|w| active weights, grow the K pruned positions with the largest |dense gradient|,
 grown weights zero, ``K = alpha_t * active`` with ``alpha_t = alpha/2 (1 + cos(pi t / r_end))``
-(:func:`layer_moves` with ``progressive.Schedule``). The server aggregates by the sparse
-weighted average
+(:func:`layer_moves` with ``progressive.Schedule``; the step itself is
+``fedprune.masks.regrow.prune_and_grow``, shared with FedTiny's server). The server
+aggregates by the sparse weighted average
 
     w[j] = sum_i n_i m_i[j] w_i[j] / sum_i n_i m_i[j]      (0 where no client keeps j)
 
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fedtiny.progressive import Schedule
+from ..masks.regrow import prune_and_grow
 from ..masks.select import topk_mask
 from .aggregate import weighted_average
 from .consensus import average_scores
@@ -199,35 +201,6 @@ def layer_moves(schedule: Schedule, server_round: int, masks: Mapping[str, objec
     return moves
 
 
-@torch.no_grad()
-def local_prune_grow(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RigL on one layer: drop the ``k`` smallest-|w| active weights, grow the ``k``
-    positions pruned *before* this step with the largest |grad|; grown weights are zero.
-
-    Exactly ``k`` positions move each way (a just-dropped weight is never re-grown). Ties
-    go to the earlier position in C order. Returns new (weight, mask); inputs untouched.
-    (``progressive.prune_and_grow`` does the same on sparse server input, but its
-    ``torch.topk`` leaves tie order unspecified, and zero-valued grown weights tie often.)
-    """
-    if weight.shape != mask.shape or grad.shape != mask.shape:
-        raise ValueError(f"weight {tuple(weight.shape)}, mask {tuple(mask.shape)} and grad "
-                         f"{tuple(grad.shape)} must have one shape")
-    kept = mask.reshape(-1).to(torch.bool)  # (n,)
-    active = int(kept.sum())
-    if not 0 <= k <= min(active, kept.numel() - active):
-        raise ValueError(f"K={k} must be in [0, min(active={active}, "
-                         f"pruned={kept.numel() - active})]")
-    w = weight.reshape(-1).clone()  # (n,)
-    drop_score = (-w.abs().float()).masked_fill(~kept, float("-inf"))  # only active compete
-    grow_score = grad.reshape(-1).abs().float().masked_fill(kept, float("-inf"))  # only pruned
-    drop = topk_mask(drop_score, k)  # (n,)
-    grow = topk_mask(grow_score, k)  # (n,)
-    new = (kept & ~drop) | grow
-    w[~(new & kept)] = 0  # dropped, grown (start at zero), and anything pruned
-    return w.view_as(weight), new.view_as(mask)
-
-
 def _mean_gradient_(model: nn.Module, batches: Iterable, device: torch.device) -> None:
     """Leave in ``.grad`` the mean per-example cross-entropy gradient over ``batches``."""
     model.zero_grad(set_to_none=True)
@@ -271,7 +244,7 @@ def client_adjust(model: nn.Module, masks: Mapping[str, object], batches: Iterab
         for name, k in k_per_layer.items():
             p = params[name]
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            w, m = local_prune_grow(p.detach(), masks_t[name].to(device), grad, k)
+            w, m = prune_and_grow(p.detach(), masks_t[name].to(device), grad.abs(), k)
             p.copy_(w)
             masks_t[name] = m.cpu()
     model.zero_grad(set_to_none=True)

@@ -10,12 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import CLIENT_SCORED, ExperimentConfig
+from ..config import ExperimentConfig
 from ..data import make_loader, test_split
-from ..masks import (apply_masks_, count_flops, count_params, global_density, init_masks,
-                     layer_densities)
+from ..masks import apply_masks_, count_flops, count_params, global_density, layer_densities
 from ..masks import wire
-from ..masks.files import load_masks
 from ..models import build_model, input_shape
 from ..train import evaluate, select_device
 from .aggregate import weighted_average
@@ -46,7 +44,9 @@ class SparseServer:
         self.device = select_device(cfg.run.device)
         self.model = build_model(cfg.model, cfg.data.dataset)
         self.initial_state = model_state(self.model)  # dense: candidates start from it
-        masks = initial_masks(self.model, cfg)
+        from ..methods import method_class
+
+        masks = method_class(cfg.method.name).initial_masks(self.model, cfg)
         apply_masks_(self.model, masks)
         self.masks_t = masks
         self.masks = {k: v.cpu().numpy().astype(bool) for k, v in masks.items()}
@@ -62,21 +62,6 @@ class SparseServer:
         apply_masks_(self.model, self.masks_t)
         self.state = model_state(self.model)
 
-    def prune_and_grow(self, layer: str, k: int,
-                       sparse: list[tuple[np.ndarray, np.ndarray, int]],
-                       state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """FedTiny's server step: sum the clients' sparse top-K gradients of ``layer``
-        (weighted by examples), grow the K largest, prune the K smallest active weights."""
-        from ..fedtiny.progressive import aggregate_topk, prune_and_grow
-
-        replies = [(torch.from_numpy(i), torch.from_numpy(v), n) for i, v, n in sparse]
-        index, value = aggregate_topk(replies, state[layer].size)
-        weight, mask = prune_and_grow(torch.from_numpy(state[layer]),
-                                      torch.from_numpy(self.masks[layer]), index,
-                                      value.float(), k)
-        self.set_masks({**self.masks_t, layer: mask}, {**state, layer: weight.numpy()})
-        return self.state
-
     # ------------------------------------------------------------------ wire
     def encode_down(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return wire.encode_down(state, self.masks)
@@ -87,7 +72,8 @@ class SparseServer:
 
     def aggregate(self, states: list[dict[str, np.ndarray]], weights: list[float]
                   ) -> dict[str, np.ndarray]:
-        self.state = weighted_average(states, weights)
+        self.state = weighted_average(states, weights, self.cfg.fed.aggregation,
+                                      self.cfg.fed.trim)
         return self.state
 
     # ------------------------------------------------------------------ metrics
@@ -110,18 +96,6 @@ class SparseServer:
 
     def layer_densities(self) -> dict[str, float]:
         return layer_densities(self.masks_t)
-
-
-def initial_masks(model: torch.nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """Round-0 masks. Client-scored inits (SNIP, SynFlow) and gate training start dense:
-    their masks are installed later from the clients' replies."""
-    init = cfg.mask.init
-    if init == "file":
-        return load_masks(cfg.mask.file, model, cfg.mask.exclude)
-    if init in CLIENT_SCORED or cfg.gates.rounds:
-        init = "dense"
-    return init_masks(model, cfg.mask.density, init, seed=cfg.mask.seed,
-                      exclude=cfg.mask.exclude)
 
 
 def _prefixed(d: dict, prefix: str) -> dict[str, float]:

@@ -45,7 +45,15 @@ def print_round(row: dict, rounds: int) -> None:
     print(f"[fedprune] round {row['round']:>3}/{rounds}  acc {100 * row['accuracy']:6.2f}%  "
           f"loss {row['loss']:.4f}  density {row['density']:.4f}  "
           f"sent {row['bytes_total'] / 1e6:8.3f} MB  {row['wall_seconds']:6.1f}s"
-          + (f"  ({row['failures']} rejected)" if row.get("failures") else ""), flush=True)
+          + _failures(row), flush=True)
+
+
+def _failures(row: dict) -> str:
+    """What went wrong this round, if anything (the reasons are in the run's Flower log)."""
+    parts = [f"{row[k]} {label}" for k, label in (("rejected", "rejected"),
+                                                   ("timed_out", "timed out"),
+                                                   ("retries", "retries")) if row.get(k)]
+    return f"  ({', '.join(parts)}; reasons in flower.log)" if parts else ""
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

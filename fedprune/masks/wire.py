@@ -13,7 +13,7 @@ Server -> client (``encode_down``) sends mask + values for masked tensors; clien
 (``encode_up``) sends values only, since the server knows the mask; ``encode_sparse`` sends
 (index, value) pairs, e.g. gradients or scores at chosen positions. Every ``decode_*`` checks
 each entry against a template ``name -> (shape, dtype)`` and raises :class:`WireError`,
-naming the tensor and the client, on anything unexpected.
+naming the tensor and the client, on anything unexpected, non-finite float values included.
 """
 
 from __future__ import annotations
@@ -90,6 +90,13 @@ def _array(arr: object, name: str, client: str, kind: str) -> np.ndarray:
     return arr
 
 
+def _check_finite(arr: np.ndarray, name: str, client: str) -> np.ndarray:
+    """NaN or Inf in a float entry would poison every average it enters: refused."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise WireError(client, name, f"{int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
 def _check_dense(arr: object, shape: tuple, dtype: np.dtype, name: str, client: str
                  ) -> np.ndarray:
     arr = _array(arr, name, client, "dense")
@@ -98,7 +105,7 @@ def _check_dense(arr: object, shape: tuple, dtype: np.dtype, name: str, client: 
     if tuple(arr.shape) != tuple(shape):
         raise WireError(client, name, f"shape mismatch: got {tuple(arr.shape)}, expected "
                                       f"{tuple(shape)}")
-    return arr.copy()
+    return _check_finite(arr, name, client).copy()
 
 
 def _check_values(arr: object, count: int, dtype: np.dtype, name: str, client: str
@@ -110,7 +117,7 @@ def _check_values(arr: object, count: int, dtype: np.dtype, name: str, client: s
         raise WireError(client, name, f"shape mismatch: values must be 1-D, got {arr.shape}")
     if arr.size != count:
         raise WireError(client, name, f"wrong number of values: got {arr.size}, expected {count}")
-    return arr
+    return _check_finite(arr, name, client)
 
 
 def _scatter(values: object, mask: np.ndarray, dtype: np.dtype, name: str, client: str
@@ -274,7 +281,7 @@ def _check_sparse(index: object, values: object, numel: int | None, dtype: np.dt
     uniq, counts = np.unique(index, return_counts=True)
     if uniq.size != index.size:
         raise WireError(client, name, f"duplicate index {int(uniq[counts > 1][0])}")
-    return index.astype(np.int64), values
+    return index.astype(np.int64), _check_finite(values, name, client)
 
 
 def _index_dtype(index: np.ndarray, numel: int | None) -> type:
