@@ -52,10 +52,17 @@ def _still_running(tree: list[psutil.Process], wait: float) -> list[str]:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a non-interactive shell (as CI may start the test
+    # command) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler; restore the default so the child reacts to SIGINT as it would at a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fedprune(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fedprune.cli", "run", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
+                            preexec_fn=_default_sigint, **kwargs)
 
 
 @pytest.mark.slow

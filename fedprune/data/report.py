@@ -48,26 +48,40 @@ def partition_summary(counts: np.ndarray) -> dict[str, float]:
     }
 
 
-def _write_csv(path: Path, counts: np.ndarray) -> None:
+def write_count_report(counts: np.ndarray, out_dir: Path, stem: str, title: str,
+                       columns: list[str], unit: str) -> dict[str, Any]:
+    """Per-client counts of each column (labels, text sources) as ``<stem>.csv``,
+    ``<stem>.md`` and ``<stem>_heatmap.png``; return {"paths", "summary"}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = partition_summary(counts)
+    paths = {"csv": out_dir / f"{stem}.csv", "markdown": out_dir / f"{stem}.md",
+             "heatmap": out_dir / f"{stem}_heatmap.png"}
+    _write_csv(paths["csv"], counts, columns)
+    _write_markdown(paths["markdown"], title, counts, summary, columns, unit)
+    _write_heatmap(paths["heatmap"], title, counts, columns, unit)
+    return {"paths": paths, "summary": summary}
+
+
+def _write_csv(path: Path, counts: np.ndarray, columns: list[str]) -> None:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["client", "size"] + [f"label_{k}" for k in range(counts.shape[1])])
+    writer.writerow(["client", "size"] + columns)
     for client, row in enumerate(counts):
         writer.writerow([client, int(row.sum())] + [int(c) for c in row])
     atomic_write(path, lambda f: f.write(out.getvalue().encode()))
 
 
-def _write_markdown(path: Path, cfg: DataConfig, counts: np.ndarray,
-                    summary: dict[str, float]) -> None:
-    header = ["client", "size"] + [f"label {k}" for k in range(counts.shape[1])]
+def _write_markdown(path: Path, title: str, counts: np.ndarray, summary: dict[str, float],
+                    columns: list[str], unit: str) -> None:
+    header = ["client", "size"] + columns
     lines = [
-        f"# Partition: {cfg.dataset}, {cfg.partitioner}, {cfg.num_clients} clients",
+        f"# {title}",
         "",
-        f"- size per client: mean {summary['mean_size']:.1f}, min {summary['min_size']}, "
-        f"max {summary['max_size']}",
-        f"- labels present per client (mean): {summary['mean_labels_per_client']:.2f}",
-        f"- mean TV distance to the pooled label distribution: "
-        f"{summary['mean_tv_distance']:.3f}",
+        f"- size per client ({unit}): mean {summary['mean_size']:.1f}, min "
+        f"{summary['min_size']}, max {summary['max_size']}",
+        f"- columns present per client (mean): {summary['mean_labels_per_client']:.2f}",
+        f"- mean TV distance to the pooled distribution: {summary['mean_tv_distance']:.3f}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---:|" * len(header),
@@ -79,18 +93,18 @@ def _write_markdown(path: Path, cfg: DataConfig, counts: np.ndarray,
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _write_heatmap(path: Path, cfg: DataConfig, counts: np.ndarray) -> None:
+def _write_heatmap(path: Path, title: str, counts: np.ndarray, columns: list[str],
+                   unit: str) -> None:
     # A bare Figure renders with Agg and leaves pyplot's global state alone.
-    clients, classes = counts.shape
-    fig = Figure(figsize=(1.5 + 0.6 * classes, min(2.0 + 0.3 * clients, 16.0)))
+    clients, width = counts.shape
+    fig = Figure(figsize=(1.5 + 0.6 * width, min(2.0 + 0.3 * clients, 16.0)))
     ax = fig.add_subplot()
     image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="examples")
-    ax.set_xticks(range(classes))
-    ax.set_xlabel("label")
+    fig.colorbar(image, ax=ax, label=unit)
+    ax.set_xticks(range(width), columns, rotation=45 if width > 10 else 0, fontsize=7)
     ax.set_ylabel("client")
-    ax.set_title(f"{cfg.dataset} {cfg.partitioner} ({clients} clients)")
-    if clients * classes <= ANNOTATE_MAX_CELLS:
+    ax.set_title(title, fontsize=9)
+    if clients * width <= ANNOTATE_MAX_CELLS:
         threshold = counts.max() / 2
         for (i, k), value in np.ndenumerate(counts):
             ax.text(k, i, str(value), ha="center", va="center", fontsize=7,
@@ -103,14 +117,9 @@ def _write_heatmap(path: Path, cfg: DataConfig, counts: np.ndarray) -> None:
 
 def partition_report(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     """Write partition.{csv,md} and partition_heatmap.png; return {"paths", "summary"}."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(load_split(cfg.dataset, "train", cfg.root, cfg.cache_dir).labels)
     counts = label_counts(partition(cfg), labels, int(labels.max()) + 1)
-    summary = partition_summary(counts)
-    paths = {"csv": out_dir / "partition.csv", "markdown": out_dir / "partition.md",
-             "heatmap": out_dir / "partition_heatmap.png"}
-    _write_csv(paths["csv"], counts)
-    _write_markdown(paths["markdown"], cfg, counts, summary)
-    _write_heatmap(paths["heatmap"], cfg, counts)
-    return {"paths": paths, "summary": summary}
+    return write_count_report(
+        counts, out_dir, "partition",
+        f"Partition: {cfg.dataset}, {cfg.partitioner}, {cfg.num_clients} clients",
+        [f"label_{k}" for k in range(counts.shape[1])], "examples")

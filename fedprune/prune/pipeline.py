@@ -168,6 +168,16 @@ def _apply_layer_(adapter: Adapter, name: str, block: Block, module: nn.Module,
     return LayerInfo(name, block.index, native, zeros, native.numel())
 
 
+def prune_block(adapter: Adapter, block: Block, pruner: Pruner, target: SparsityTarget,
+                stats: Mapping[str, LayerStats], device: torch.device | str = "cpu"
+                ) -> dict[str, LayerInfo]:
+    """Prune every prunable layer of ``block`` in place from its statistics (the step
+    centralized pruning takes per block; federated pooled pruning calls it with the sum of
+    the clients' statistics, ``fedprune.prune.pooled``)."""
+    return _prune_layers(adapter, pruner, target, block, adapter.prunable(block), dict(stats),
+                         device, _Timer(device))
+
+
 def _prune_layers(adapter: Adapter, pruner: Pruner, target: SparsityTarget, block: Block,
                   modules: dict[str, nn.Module], stats: dict[str, LayerStats],
                   device: torch.device | str, timer: _Timer) -> dict[str, LayerInfo]:
