@@ -68,6 +68,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """A method's query round before training (e.g. SNIP scores, BN statistics)."""
     cfg, pid, payload, _ = _unpack(msg, context)
-    kind = str(msg.content["config"]["fedprune-query"])
-    arrays, metrics = client_query(cfg, pid, kind, payload)
+    conf = msg.content["config"]
+    config = {k[len("query."):]: v for k, v in conf.items() if k.startswith("query.")}
+    arrays, metrics = client_query(cfg, pid, str(conf["fedprune-query"]), payload, config)
     return _reply(msg, cfg, pid, 0, arrays, metrics)

@@ -129,7 +129,7 @@ AGGREGATIONS = ("mean", "median", "trimmed_mean")
 @dataclass
 class FedConfig:
     strategy: str = "sparse_fedavg"
-    rounds: int = 5
+    rounds: int = 5  # training rounds (0 for a one-shot method: query rounds only)
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0  # > 0 adds federated evaluation on the clients
     min_train_clients: int = 2
@@ -151,7 +151,7 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         check_choice("fed.strategy", self.strategy, STRATEGIES)
-        check_value("fed.rounds", self.rounds >= 1, "must be >= 1", self.rounds)
+        check_value("fed.rounds", self.rounds >= 0, "must be >= 0", self.rounds)
         check_value("fed.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]",
                     self.fraction_train)
         check_value("fed.fraction_evaluate", 0 <= self.fraction_evaluate <= 1,
@@ -211,6 +211,40 @@ class SimConfig:
                     self.torch_threads)
 
 
+TEXT_SOURCES = ("ptb", "wikitext2", "shakespeare")
+TEXT_PARTITIONERS = ("domain", "dirichlet", "iid")
+
+
+@dataclass
+class TextConfig:
+    """Private text of the clients of a language-model method (``fedprune.lm.clients``):
+    ``data.num_clients`` clients, each with ``windows`` non-overlapping windows of
+    ``length`` tokens from the sources' calibration splits, mixed over the sources by the
+    partitioner; perplexity is measured on the first ``eval_windows`` windows of
+    ``eval_length`` tokens of each source's held-out test split."""
+
+    sources: list[str] = field(default_factory=lambda: list(TEXT_SOURCES))
+    partitioner: str = "domain"
+    alpha: float = 0.5  # dirichlet: concentration over sources
+    windows: int = 16
+    length: int = 512
+    seed: int = 0
+    eval_windows: int = 16
+    eval_length: int = 512
+
+    def __post_init__(self) -> None:
+        for source in self.sources:
+            check_choice("text.sources", source, TEXT_SOURCES)
+        check_value("text.sources", len(set(self.sources)) == len(self.sources) > 0,
+                    "must name distinct sources", self.sources)
+        check_choice("text.partitioner", self.partitioner, TEXT_PARTITIONERS)
+        check_value("text.alpha", self.alpha > 0, "must be > 0", self.alpha)
+        for key, value, low in (("windows", self.windows, 1), ("length", self.length, 2),
+                                ("eval_windows", self.eval_windows, 1),
+                                ("eval_length", self.eval_length, 2)):
+            check_value(f"text.{key}", value >= low, f"must be >= {low}", value)
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs"
@@ -230,6 +264,9 @@ class MethodConfig:
     name: str = "fixed"
     # option names holding file or folder paths (made absolute by with_absolute_paths)
     paths: ClassVar[tuple[str, ...]] = ()
+    # a one-shot method prunes in query rounds only (fed.rounds must be 0); the others
+    # train for fed.rounds >= 1 rounds
+    one_shot: ClassVar[bool] = False
 
     def check(self, cfg: "ExperimentConfig") -> None:
         """Checks that need other sections (e.g. a round bound against ``fed.rounds``);
@@ -250,6 +287,7 @@ class ExperimentConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         if type(self.method) is MethodConfig:  # built directly: the method's own defaults
@@ -264,6 +302,11 @@ class ExperimentConfig:
                 f"model.name={self.model.name!r} expects 3-channel 32x32 input; "
                 "data.dataset='mnist' needs model.name='convnet'"
             )
+        if self.method.one_shot != (self.fed.rounds == 0):
+            raise ConfigError(
+                f"fed.rounds={self.fed.rounds} does not fit method {self.method.name!r}: "
+                + ("it is one-shot (query rounds only): set fed.rounds=0" if self.method.one_shot
+                   else "it trains: set fed.rounds >= 1"))
         self.method.check(self)
 
 
@@ -314,7 +357,10 @@ def _merge(layers: list) -> ExperimentConfig:
     (the last layer that sets ``method.name`` wins), merged with ``layers``, validated."""
     try:
         layers, name = _for_final_method(layers)
-        schema = OmegaConf.structured(ExperimentConfig(method=method_config_class(name)()))
+        # the schema typed by the chosen method's dataclass; built field by field, since an
+        # ExperimentConfig instance would run its cross-section checks on defaults
+        schema = OmegaConf.structured(ExperimentConfig)
+        schema.method = OmegaConf.structured(method_config_class(name))
         cfg = OmegaConf.to_object(OmegaConf.merge(schema, *layers))
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None

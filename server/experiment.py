@@ -15,14 +15,14 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.config import ExperimentConfig, to_flat_dict, to_yaml
 from fedprune.data import partition, partition_report
 from fedprune.fl.recorder import RunRecorder, load_checkpoint
 from fedprune.fl.server_core import SparseServer
-from fedprune.fl.summary import print_round, print_summary, summarize
+from fedprune.fl.summary import print_oneshot_summary, print_round, print_summary, summarize
 from fedprune.methods import Method, method_class
 
-from .query import run_queries
+from .query import base_spec, run_queries
 from .records import config_record
 from .strategy import SparseFedAvg, record_bytes, to_numpy, to_record
 
@@ -43,8 +43,14 @@ def make_strategy(cfg: ExperimentConfig, core: SparseServer, method: Method,
 def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run ``cfg.fed.rounds`` rounds; write everything into ``run_dir`` as it goes.
     ``resume``: continue from ``run_dir``'s checkpoint instead of starting over."""
-    core = SparseServer(cfg)
-    method = method_class(cfg.method.name)(cfg, core)
+    method_cls = method_class(cfg.method.name)
+    if cfg.method.one_shot:
+        if resume:
+            raise ValueError(f"method {cfg.method.name!r} is one-shot: its runs cannot be "
+                             "resumed yet")
+        return run_oneshot(grid, cfg, run_dir, method_cls)
+    core = method_cls.make_core(cfg)
+    method = method_cls(cfg, core)
     strategy = make_strategy(cfg, core, method, [len(p) for p in partition(cfg.data)])
     first, selection = 1, None
     if resume:
@@ -96,6 +102,66 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
         summary["selection"] = selection
     recorder.write_summary(summary)
     print_summary(summary, recorder.dir)
+    return summary
+
+
+def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls) -> dict:
+    """A one-shot method (federated LLM pruning): perplexity before, the method's query
+    rounds (a row per round as it ends), perplexity after, the pruned model saved."""
+    from fedprune.lm.clients import text_partition_report
+
+    t0 = time.time()
+    core = method_cls.make_core(cfg)
+    method = method_cls(cfg, core)
+    recorder = RunRecorder(run_dir, to_yaml(cfg))
+    text_partition_report(cfg.text, cfg.data.num_clients, recorder.dir)
+    phases = {"load": time.time() - t0}
+    t = time.time()
+    before = core.perplexity()
+    phases["eval_dense"] = time.time() - t
+    total = {"n": 0}
+
+    def on_query(query, replies, meter) -> None:
+        total["n"] += 1
+        row = {"round": total["n"], "query": query.kind, **query.config,
+               "clients": len(replies), "rejected": meter["rejected"],
+               "partitions": [r.partition for r in replies],
+               "bytes_down": meter["bytes_down"], "bytes_up": meter["bytes_up"],
+               "bytes_total": meter["bytes_down"] + meter["bytes_up"],
+               "wall_seconds": meter["seconds"]}
+        row.pop("run-token", None)
+        row["line"] = (f"[fedprune] {query.kind} {row.get('block', total['n'] - 1)}  "
+                       f"clients {len(replies)}/{cfg.data.num_clients}  "
+                       f"down {meter['bytes_down'] / 1e6:7.3f} MB  "
+                       f"up {meter['bytes_up'] / 1e6:8.3f} MB  {meter['seconds']:6.1f}s"
+                       + (f"  ({meter['rejected']} rejected)" if meter["rejected"] else ""))
+        recorder.log_round(row)
+        print(row["line"], flush=True)
+
+    t = time.time()
+    record = run_queries(grid, method, base_spec(cfg, core.client_sizes()), on_query)
+    phases["prune"] = time.time() - t
+    t = time.time()
+    after = core.perplexity()
+    phases["eval_pruned"] = time.time() - t
+    core.save(recorder.dir / "model")
+    phases["save"] = core.save_seconds
+    sparsity = core.sparsity()
+    rows = recorder.rows
+    summary = {
+        "method": cfg.method.name, "model": cfg.method.model, "record": record,
+        "perplexity_dense": before, "perplexity_pruned": after,
+        "perplexity_dense_mean": sum(before.values()) / len(before),
+        "perplexity_pruned_mean": sum(after.values()) / len(after),
+        "sparsity": sum(sparsity.values()) / len(sparsity), "layer_sparsity": sparsity,
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "bytes_per_client": sum(r["bytes_total"] for r in rows) / cfg.data.num_clients,
+        "phases": phases, "wall_seconds": time.time() - t0,
+        "config": to_flat_dict(cfg),
+    }
+    recorder.write_summary(summary)
+    print_oneshot_summary(summary, recorder.dir)
     return summary
 
 

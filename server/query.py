@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 from flwr.app import Message, RecordDict
@@ -19,7 +20,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedprune.config import ExperimentConfig
-from fedprune.fl.replies import Checked, ReplyError, ReplySpec, validate
+from fedprune.fl.replies import Checked, Metric, ReplyError, ReplySpec, examples, validate
 from fedprune.methods import Method, Query
 
 from .records import config_record, record_bytes, to_numpy, to_record
@@ -32,6 +33,20 @@ class QuorumError(RuntimeError):
 def quorum(cfg: ExperimentConfig, sampled: int) -> int:
     """Accepted replies a round of ``sampled`` clients needs: fed.quorum of them, >= 1."""
     return max(1, math.ceil(cfg.fed.quorum * sampled - 1e-9))
+
+
+def base_spec(cfg: ExperimentConfig, sizes: list[int] | None = None) -> ReplySpec:
+    """What every reply carries: its partition and an example count bounded by
+    ``fed.max_examples`` and, when the server knows them, the partitions' sizes."""
+    def within_partition(reply: Checked) -> None:
+        if sizes is not None and reply.examples > sizes[reply.partition]:
+            raise ReplyError(reply.client, "metrics.num-examples",
+                             f"{reply.examples} exceeds partition {reply.partition}'s "
+                             f"{sizes[reply.partition]} examples")
+    n = cfg.data.num_clients
+    return ReplySpec(metrics={"partition-id": Metric("int", low=0, high=n - 1),
+                              "num-examples": examples(cfg.fed.max_examples)},
+                     checks=[within_partition])
 
 
 def available_nodes(grid: Grid, cfg: ExperimentConfig) -> list[int]:
@@ -51,16 +66,24 @@ def available_nodes(grid: Grid, cfg: ExperimentConfig) -> list[int]:
     return nodes
 
 
-def run_queries(grid: Grid, method: Method, base: ReplySpec) -> dict | None:
+def run_queries(grid: Grid, method: Method, base: ReplySpec,
+                on_query: Callable[[Query, list[Checked], dict], None] | None = None
+                ) -> dict | None:
     """Drive ``method.queries()``; return its record with the bytes metered, or None when
     the method has no query rounds. ``base``: what every reply carries (example count,
-    partition), merged into each query's spec."""
+    partition), merged into each query's spec. ``on_query(query, replies, meter)`` is
+    called after each query round (``meter``: that round's bytes, rejections, seconds)."""
     queries = method.queries()
     meter = {"bytes_down": 0, "bytes_up": 0, "rejected": 0}
     try:
         query = next(queries)
         while True:
-            query = queries.send(ask(grid, method.cfg, query, base.merged(query.spec), meter))
+            start, before = time.time(), dict(meter)
+            replies = ask(grid, method.cfg, query, base.merged(query.spec), meter)
+            if on_query is not None:
+                on_query(query, replies, {**{k: meter[k] - before[k] for k in meter},
+                                          "seconds": time.time() - start})
+            query = queries.send(replies)
     except StopIteration as done:
         return None if done.value is None else {**done.value, **meter}
 
@@ -73,6 +96,8 @@ def ask(grid: Grid, cfg: ExperimentConfig, query: Query, spec: ReplySpec, meter:
         nodes = available_nodes(grid, cfg)
         conf = config_record(cfg)
         conf["fedprune-query"] = query.kind
+        for key, value in query.config.items():
+            conf[f"query.{key}"] = value
         messages = [Message(RecordDict({"arrays": record, "config": conf}),
                             message_type="query", dst_node_id=n) for n in nodes]
         meter["bytes_down"] += len(nodes) * record_bytes(record)

@@ -33,7 +33,7 @@ import psutil
 
 from fedprune.config import ExperimentConfig, to_yaml
 from fedprune.fl.recorder import write_text
-from fedprune.fl.summary import print_round, print_summary
+from fedprune.fl.summary import print_oneshot_summary, print_round, print_summary
 
 # Never let Flower install dependencies, phone home or check for updates (flower.md);
 # Ray's FutureWarning about accelerator variables is answered by setting it.
@@ -75,7 +75,8 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False,
         if status.get("status") != "finished:completed":
             raise SimulationError(_failure(status, run_dir))
         summary = json.loads((run_dir / "summary.json").read_text())
-        print_summary(summary, run_dir)
+        show = print_oneshot_summary if "perplexity_dense" in summary else print_summary
+        show(summary, run_dir)
         return summary
     finally:
         if superlink is not None:
@@ -251,7 +252,7 @@ def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool,
         while True:
             for row in rows.new():
                 if not verbose:  # verbose: the ServerApp's own line is on screen already
-                    print_round(row, rounds)
+                    _show(row, rounds)
             if stream.poll() is not None or time.time() - last_poll > 30:
                 # the stream ends with the run; also ask now and then in case it broke
                 status = _status(env, run_id)
@@ -262,7 +263,7 @@ def _follow(env: dict, run_id: str, run_dir: Path, rounds: int, verbose: bool,
         copier.join(timeout=10)
         for row in rows.new():  # rows written between the last read and the end
             if not verbose:
-                print_round(row, rounds)
+                _show(row, rounds)
     finally:
         if stream.poll() is None:
             stream.kill()
@@ -281,6 +282,15 @@ def _checkpoint_round(run_dir: Path) -> int:
         return -1
     with safe_open(str(path), framework="numpy") as f:
         return int((f.metadata() or {}).get("round", -1))
+
+
+def _show(row: dict, rounds: int) -> None:
+    """A round's progress line: its own (one-shot methods write one per query round), or
+    the training round's."""
+    if "line" in row:
+        print(row["line"], flush=True)
+    else:
+        print_round(row, rounds)
 
 
 def _status(env: dict, run_id: str) -> dict:

@@ -21,12 +21,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedprune.fl.replies import Checked, Metric, ReplyError, ReplySpec, examples
+from fedprune.fl.replies import Checked, Metric, ReplyError, ReplySpec
 from fedprune.fl.server_core import SparseServer
 from fedprune.masks import wire
 from fedprune.methods import Method, Plan
 
-from .query import QuorumError, available_nodes, check_reply, quorum, reply_bytes
+from .query import QuorumError, available_nodes, base_spec, check_reply, quorum, reply_bytes
 from .records import record_bytes, to_numpy, to_record
 
 __all__ = ["SparseFedAvg", "QuorumError", "record_bytes", "to_numpy", "to_record"]
@@ -154,18 +154,8 @@ class SparseFedAvg(FedAvg):
         return spec.merged(ReplySpec(records=dict(plan.replies))) if plan else spec
 
     def base_spec(self) -> ReplySpec:
-        """What every reply carries: its partition and an example count bounded by
-        ``fed.max_examples`` and, when the server knows them, the partition sizes."""
-        n = self.cfg.data.num_clients
-        return ReplySpec(metrics={"partition-id": Metric("int", low=0, high=n - 1),
-                                  "num-examples": examples(self.cfg.fed.max_examples)},
-                         checks=[self._within_partition])
-
-    def _within_partition(self, reply: Checked) -> None:
-        if self.sizes is not None and reply.examples > self.sizes[reply.partition]:
-            raise ReplyError(reply.client, "metrics.num-examples",
-                             f"{reply.examples} exceeds partition {reply.partition}'s "
-                             f"{self.sizes[reply.partition]} examples")
+        """What every reply carries (``query.base_spec``)."""
+        return base_spec(self.cfg, self.sizes)
 
     def _own_mask(self, arrays, client: str, record: str) -> tuple[dict, dict]:
         """A client's own mask + values; each layer must keep as many weights as now."""

@@ -42,13 +42,14 @@ def _with(msg, key, arrays):
 
 
 def test_registry_holds_every_method_with_its_three_parts():
-    assert method_names() == ["feddst", "fedtiny", "fixed", "gates", "prunefl", "snip",
-                              "synflow"]
+    assert method_names() == ["feddst", "fedtiny", "fixed", "gates", "pooled", "prunefl",
+                              "snip", "synflow"]
     for name in method_names():
         cls = method_class(name)
         assert issubclass(cls, Method) and cls.name == name == cls.config_cls().name
+        rounds = 0 if cls.config_cls.one_shot else 4
         assert load_config("default", [f"method.name={name}", "mask.density=0.5",
-                                       "fed.rounds=4"]).method.name == name
+                                       f"fed.rounds={rounds}"]).method.name == name
     with pytest.raises(ConfigError, match="method.name='nope' is not valid"):
         load_config("default", ["method.name=nope"])
     with pytest.raises(ConfigError, match="method.candidates"):  # options are typed per method

@@ -86,9 +86,10 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
 
 
 def client_query(cfg: ExperimentConfig, partition_id: int, kind: str,
-                 payload: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-    """A query round before training, answered by the method's client part."""
-    return client_method(cfg).answer(kind, partition_id, payload)
+                 payload: dict[str, np.ndarray], config: dict | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+    """A query round, answered by the method's client part (``config``: its scalars)."""
+    return client_method(cfg).answer(kind, partition_id, payload, config or {})
 
 
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]

@@ -80,3 +80,21 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     ]:
         table.add_row(name, value)
     Console().print(table)
+
+
+def print_oneshot_summary(summary: dict, run_dir: Path) -> None:
+    """The table of a one-shot (federated LLM) run: perplexity per source before and
+    after, sparsity, bytes, time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedprune {summary['method']} summary ({run_dir})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for source, dense in summary["perplexity_dense"].items():
+        table.add_row(f"perplexity {source} (dense -> pruned)",
+                      f"{dense:.2f} -> {summary['perplexity_pruned'][source]:.2f}")
+    table.add_row("sparsity (pruned layers)", f"{summary['sparsity']:.4f}")
+    table.add_row("bytes per client (down + up)", f"{summary['bytes_per_client'] / 1e6:.2f} MB")
+    table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+    Console().print(table)

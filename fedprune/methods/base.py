@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # imported for annotations only: these import this module's u
 
 # Modules that register the built-in methods (imported on first lookup, so that the
 # config module can use the registry without importing torch-heavy code at start-up).
-BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates")
+BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates", "pooled")
 
 
 @dataclass
@@ -63,12 +63,14 @@ class Outcome:
 
 @dataclass
 class Query:
-    """A query round before training: ``arrays`` go to every client as message kind
-    ``kind``; each reply must match ``spec`` (the runner adds the example count)."""
+    """A query round before training: ``arrays`` and ``config`` (scalars) go to every
+    client as message kind ``kind``; each reply must match ``spec`` (the runner adds the
+    example count and the partition)."""
 
     kind: str
     arrays: dict[str, np.ndarray]
     spec: ReplySpec = field(default_factory=ReplySpec)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 Queries = Generator[Query, list[Checked], "dict | None"]
@@ -86,8 +88,10 @@ class ClientMethod:
                  ) -> "TrainingHooks | None":
         return None
 
-    def answer(self, kind: str, partition_id: int, payload: dict[str, np.ndarray]
+    def answer(self, kind: str, partition_id: int, payload: dict[str, np.ndarray],
+               config: dict[str, Any] | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and metrics replying to query ``kind`` (``config``: the query's scalars)."""
         raise ValueError(f"method {self.cfg.method.name!r} has no query {kind!r}")
 
 
@@ -114,6 +118,14 @@ class Method:
     def __init__(self, cfg: "ExperimentConfig", core: "SparseServer") -> None:
         self.cfg, self.core = cfg, core
         self.options = cfg.method
+
+    @classmethod
+    def make_core(cls, cfg: "ExperimentConfig") -> Any:
+        """The server-side model this method works on: a masked CNN trained by sparse
+        FedAvg (``SparseServer``) unless the method says otherwise."""
+        from ..fl.server_core import SparseServer
+
+        return SparseServer(cfg)
 
     @classmethod
     def initial_masks(cls, model: "torch.nn.Module", cfg: "ExperimentConfig"

@@ -76,7 +76,7 @@ class FedTinyClient(ClientMethod):
     def training(self, plan, extras, model, masks, device):
         return _TopKHooks(layers_and_ks(plan, masks), model, masks, device)
 
-    def answer(self, kind, partition_id, payload):
+    def answer(self, kind, partition_id, payload, config=None):
         from ..fedtiny.bn_selection import client_bn_stats, client_candidate_losses
 
         if kind == "bn_stats":
@@ -85,7 +85,7 @@ class FedTinyClient(ClientMethod):
         if kind == "candidate_loss":
             losses, n = client_candidate_losses(self.cfg, partition_id, payload)
             return {}, {"losses": losses, "num-examples": n}
-        return super().answer(kind, partition_id, payload)
+        return super().answer(kind, partition_id, payload, config)
 
 
 def moves(schedule: Schedule, server_round: int, masks: dict) -> dict[str, int]:

@@ -51,9 +51,9 @@ class SynFlowConfig(MethodConfig):
 
 
 class ScoredClient(ClientMethod):
-    def answer(self, kind, partition_id, payload):
+    def answer(self, kind, partition_id, payload, config=None):
         if kind != "scores":
-            return super().answer(kind, partition_id, payload)
+            return super().answer(kind, partition_id, payload, config)
         from ..data import client_split, make_loader
         from ..fl.client_core import prepare_model
         from ..models import input_shape

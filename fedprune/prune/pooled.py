@@ -22,13 +22,14 @@ client runs two block passes per block (propagate, then collect), the sequential
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import Adapter, BlockInput, adapter_for
+from .adapters import Adapter, Block, BlockInput, adapter_for
 from .base import LayerStats, Pruner, SparsityTarget
 from .calibrate import block_on, collect_stats, propagate
 from .pipeline import prune_block
@@ -36,35 +37,52 @@ from .pipeline import prune_block
 Update = dict[str, torch.Tensor]  # qualified layer name -> its pruned weight (module layout)
 
 
+@torch.no_grad()
+def client_step(adapter: Adapter, model: nn.Module, calib_inputs: Any,
+                inputs: list[BlockInput] | None, index: int, update: Update | None,
+                needs: set[str], device: torch.device | str = "cpu"
+                ) -> tuple[list[BlockInput], dict[str, LayerStats]]:
+    """One client's work for block ``index``: its inputs to the block, and the block's
+    statistics on them. Block 0 captures the inputs from ``calib_inputs``; later blocks
+    propagate ``inputs`` (those of block ``index - 1``) through a scratch copy of block
+    ``index - 1`` holding the server's ``update``. ``model`` stays dense: a process can
+    share one copy among its clients."""
+    blocks = adapter.blocks(model)
+    if index == 0:
+        inputs = adapter.capture_inputs(model, calib_inputs, device)
+    else:
+        if inputs is None:
+            raise ValueError(f"block {index}: no inputs of block {index - 1} to propagate")
+        previous = blocks[index - 1]
+        scratch = Block(previous.index, previous.name, copy.deepcopy(previous.module))
+        apply_update_(adapter, scratch, update)
+        with block_on(scratch, device):
+            inputs = propagate(adapter, scratch, inputs)
+    block = blocks[index]
+    with block_on(block, device):
+        stats = collect_stats(adapter, block, inputs, list(adapter.prunable(block)), needs,
+                              device)
+    return inputs, stats
+
+
 class PooledClient:
-    """One client's side: its windows, its copy of the model, its inputs to the next block."""
+    """One client's side kept in memory: its windows and its inputs to the next block."""
 
     def __init__(self, model: nn.Module, calib_inputs: Any, needs: frozenset[str],
                  device: torch.device | str = "cpu") -> None:
         self.model, self.adapter = model.eval(), adapter_for(model)
-        self.blocks = self.adapter.blocks(model)
         self.calib, self.needs, self.device = calib_inputs, set(needs), device
         self.inputs: list[BlockInput] | None = None
         self.next_block = 0
 
-    @torch.no_grad()
     def block_stats(self, index: int, update: Update | None) -> dict[str, LayerStats]:
         """Statistics of block ``index``'s layers on this client's windows; ``update``: the
         server's pruned weights of block ``index - 1`` (None for block 0)."""
         if index != self.next_block:
             raise ValueError(f"asked for block {index}, but this client is at block "
                              f"{self.next_block}")
-        if index == 0:
-            self.inputs = self.adapter.capture_inputs(self.model, self.calib, self.device)
-        else:
-            previous = self.blocks[index - 1]
-            apply_update_(self.adapter, previous, update)
-            with block_on(previous, self.device):
-                self.inputs = propagate(self.adapter, previous, self.inputs)
-        block = self.blocks[index]
-        with block_on(block, self.device):
-            stats = collect_stats(self.adapter, block, self.inputs,
-                                  list(self.adapter.prunable(block)), self.needs, self.device)
+        self.inputs, stats = client_step(self.adapter, self.model, self.calib, self.inputs,
+                                         index, update, self.needs, self.device)
         self.next_block = index + 1
         return stats
 

@@ -1,0 +1,166 @@
+"""Federated pruning of a language model on Flower: the `pooled` method end to end in a
+real simulation (3 text clients, tiny Llama): every block pooled from all clients, the
+model saved with save_pretrained, and the result equal to centralized pruning on the
+union of the clients' windows; its statistics replies checked by the validation layer."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedprune.config import ConfigError, load_config
+
+LLM = ["method.name=pooled", "method.model=tiny-llama", "fed.rounds=0", "data.num_clients=3",
+       "text.windows=2", "text.length=32", "text.eval_windows=2", "text.eval_length=32"]
+
+
+def test_one_shot_methods_need_zero_training_rounds_and_a_known_pruner():
+    with pytest.raises(ConfigError, match="one-shot.*fed.rounds=0"):
+        load_config("default", [*LLM, "fed.rounds=3"])
+    with pytest.raises(ConfigError, match="method.pruner='lottery'"):
+        load_config("default", [*LLM, "method.pruner=lottery"])
+    with pytest.raises(ConfigError, match="method.pattern"):
+        load_config("default", [*LLM, "method.pattern=5:4"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_pooled_on_flower_equals_centralized_pruning_on_the_union(pruner, tmp_path, data_root):
+    from transformers import AutoModelForCausalLM
+
+    from fedprune.lm.clients import partition_text
+    from fedprune.lm.loading import load_causal_lm
+    from fedprune.prune.base import SparsityTarget, get_pruner
+    from fedprune.prune.pipeline import prune_model
+    from server.simulate import simulate
+
+    cfg = load_config("default", [*LLM, f"method.pruner={pruner}", f"run.out_dir={tmp_path}",
+                                  "run.name=llm"])
+    run = tmp_path / "llm"
+    summary = simulate(cfg, run)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["block"] for r in rows] == [0, 1]  # one query round per block
+    assert all(r["clients"] == 3 and r["partitions"] == [0, 1, 2] for r in rows)
+    assert summary["record"]["contributors"] == [[0, 1, 2], [0, 1, 2]]
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert set(summary["perplexity_pruned"]) == {"ptb", "wikitext2", "shakespeare"}
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    saved = AutoModelForCausalLM.from_pretrained(run / "model")  # plain transformers
+    assert (run / "partition_text.csv").exists()
+
+    model, tokenizer = load_causal_lm("tiny-llama")
+    windows = [c.windows for c in partition_text(cfg.text, 3, tokenizer)]
+    central = copy.deepcopy(model)
+    prune_model(central, get_pruner(pruner), SparsityTarget(0.5),
+                list(torch.cat(windows).split(1)), sequential=True, progress=False)
+    for (name, a), b in zip(saved.named_parameters(), central.parameters()):
+        if pruner == "wanda":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert np.isfinite(list(summary["perplexity_pruned"].values())).all()
+
+
+def _run_pooled(tmp_path, overrides, tamper, unreachable=lambda block, pid: False):
+    """The pooled method's query rounds with 4 real text clients through the real ClientApp
+    and query runner (FakeGrid, no Ray); ``tamper(block, pid, metrics, arrays)`` may spoil
+    a reply before the server sees it; ``unreachable(block, pid)``: the message is lost."""
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+    from client.client_app import app as client_app
+    from fedprune.methods import method_class
+    from server.query import base_spec, run_queries
+    from flower_helpers import FakeGrid, error_reply, set_identity
+
+    cfg = load_config("default", [*LLM, "data.num_clients=4", f"data.cache_dir={tmp_path}",
+                                  *overrides])
+    cls = method_class("pooled")
+    core = cls.make_core(cfg)
+    method = cls(cfg, core)
+
+    def answer(msg):
+        pid = msg.metadata.dst_node_id - 1
+        if unreachable(int(msg.content["config"]["query.block"]), pid):
+            return None
+        set_identity(msg.metadata.dst_node_id)
+        try:  # Flower's runtime turns a ClientApp exception into an error reply
+            out = client_app(msg, Context(run_id=1, node_id=pid + 1, state=RecordDict(),
+                                          run_config={}, node_config={"partition-id": pid,
+                                                                      "num-partitions": 4}))
+        except ValueError as err:
+            return error_reply(msg, str(err))
+        metrics = dict(out.content["metrics"])
+        arrays = {n: a.numpy() for n, a in out.content["arrays"].items()}
+        tamper(int(msg.content["config"]["query.block"]), pid, metrics, arrays)
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "arrays": ArrayRecord(
+            {k: Array(v) for k, v in arrays.items()})}), reply_to=msg)
+
+    record = run_queries(FakeGrid([1, 2, 3, 4], answer), method,
+                         base_spec(cfg, core.client_sizes()))
+    return core, record
+
+
+@pytest.mark.parametrize("pruner, spoil, field", [
+    ("wanda", "nan_norm", "non-finite"),
+    ("wanda", "negative_norm", "below the minimum 0.0"),
+    ("wanda", "wrong_shape", "shape"),
+    ("wanda", "wrong_dtype", "dtype"),
+    ("wanda", "rows", "rows"),
+    ("wanda", "other_block", "metrics.block"),
+    ("sparsegpt", "asymmetric_gram", "not symmetric"),
+    ("sparsegpt", "inf_gram", "non-finite"),
+])
+def test_bad_statistics_are_rejected_and_the_block_goes_on(pruner, spoil, field, tmp_path,
+                                                          data_root, caplog):
+    import logging
+
+    def tamper(block, pid, metrics, arrays):
+        if pid != 3:  # one bad client of four, every block
+            return
+        sq = next(k for k in arrays if k.startswith("sq/"))
+        gram = next((k for k in arrays if k.startswith("gram/")), None)
+        if spoil == "nan_norm":
+            arrays[sq] = arrays[sq].copy()
+            arrays[sq][0] = np.nan
+        elif spoil == "negative_norm":
+            arrays[sq] = -arrays[sq]
+        elif spoil == "wrong_shape":
+            arrays[sq] = arrays[sq][:-1]
+        elif spoil == "wrong_dtype":
+            arrays[sq] = arrays[sq].astype(np.int64)
+        elif spoil == "rows":
+            key = next(k for k in arrays if k.startswith("rows/"))
+            arrays[key] = np.array(int(arrays[key]) + 1, np.int64)
+        elif spoil == "other_block":
+            metrics["block"] = block + 1
+        elif spoil == "asymmetric_gram":
+            arrays[gram] = arrays[gram].copy()
+            arrays[gram][0, 1] += 1.0
+        elif spoil == "inf_gram":
+            arrays[gram] = arrays[gram].copy()
+            arrays[gram][1, 1] = np.inf
+    with caplog.at_level(logging.WARNING):
+        core, record = _run_pooled(tmp_path, [f"method.pruner={pruner}"], tamper)
+    assert record["contributors"] == [[0, 1, 2], [0, 1, 2]]  # partition 3 never counted
+    assert record["rejected"] == 2 and field in caplog.text
+    assert sum(core.sparsity().values()) / len(core.sparsity()) == pytest.approx(0.5)
+
+
+def test_a_client_that_misses_a_block_sits_out_the_rest(tmp_path, data_root, caplog):
+    """Partition 2 never gets block 0's message: in block 1 it has no inputs to propagate,
+    says so (an error reply), and the block goes on with the others. A client whose reply
+    was only rejected (partition 1 in block 0) still holds the right inputs and rejoins."""
+    import logging
+
+    def tamper(block, pid, metrics, arrays):
+        if block == 0 and pid == 1:
+            metrics["num-examples"] = -1
+    with caplog.at_level(logging.WARNING):
+        core, record = _run_pooled(tmp_path, [], tamper,
+                                   unreachable=lambda block, pid: block == 0 and pid == 2)
+    assert record["contributors"] == [[0, 3], [0, 1, 3]]
+    assert "no inputs of block 0" in caplog.text
