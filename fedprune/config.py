@@ -262,8 +262,10 @@ class MethodConfig:
     registered method. Subclasses add their options and validate them in __post_init__."""
 
     name: str = "fixed"
-    # option names holding file or folder paths (made absolute by with_absolute_paths)
+    # option names holding file or folder paths (made absolute by with_absolute_paths),
+    # and names that are paths only when such a path exists (else e.g. a model alias)
     paths: ClassVar[tuple[str, ...]] = ()
+    maybe_paths: ClassVar[tuple[str, ...]] = ()
     # a one-shot method prunes in query rounds only (fed.rounds must be 0); the others
     # train for fed.rounds >= 1 rounds
     one_shot: ClassVar[bool] = False
@@ -465,10 +467,17 @@ def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Expe
     ``paths``) are absolute (against ``base`` or cwd)."""
     base = Path.cwd() if base is None else base
     out = copy.deepcopy(cfg)
-    keys = list(PATH_KEYS) + [f"method.{p}" for p in type(cfg.method).paths]
-    for key in keys:
+    for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(out, section), name)
         if value:
             setattr(getattr(out, section), name, str((base / Path(value).expanduser()).resolve()))
+    for name in type(cfg.method).paths:
+        value = getattr(out.method, name)
+        if value:
+            setattr(out.method, name, str((base / Path(value).expanduser()).resolve()))
+    for name in type(cfg.method).maybe_paths:  # a path only when one exists (else a name)
+        value = getattr(out.method, name)
+        if value and (base / Path(value).expanduser()).exists():
+            setattr(out.method, name, str((base / Path(value).expanduser()).resolve()))
     return out

@@ -97,6 +97,13 @@ def test_with_absolute_paths_anchors_relative_settings_only(tmp_path):
     reinit = load_config("default", ["method.init=file", "method.file=m/mask.safetensors"])
     assert with_absolute_paths(reinit, base=tmp_path).method.file == str(
         tmp_path / "m" / "mask.safetensors")
+    # a model option is a path only where one exists; an alias stays a name
+    llm = ["method.name=pooled", "fed.rounds=0"]
+    alias = load_config("default", [*llm, "method.model=smollm2-135m"])
+    assert with_absolute_paths(alias, base=tmp_path).method.model == "smollm2-135m"
+    (tmp_path / "mine").mkdir()
+    folder = load_config("default", [*llm, "method.model=mine"])
+    assert with_absolute_paths(folder, base=tmp_path).method.model == str(tmp_path / "mine")
 
 
 def test_cli_rejects_bad_key_before_any_work(tmp_path):

@@ -164,3 +164,5 @@ def test_a_client_that_misses_a_block_sits_out_the_rest(tmp_path, data_root, cap
                                    unreachable=lambda block, pid: block == 0 and pid == 2)
     assert record["contributors"] == [[0, 3], [0, 1, 3]]
     assert "no inputs of block 0" in caplog.text
+    # after the last block no client keeps cached inputs behind
+    assert not list((tmp_path / "fedprune-pooled").rglob("client-*.pt"))

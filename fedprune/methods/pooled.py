@@ -45,6 +45,7 @@ class PooledConfig(MethodConfig):
     sparsity: float = 0.5
     pattern: str = ""  # N:M, e.g. 2:4 (then sparsity = N/M)
     one_shot = True
+    maybe_paths = ("model",)  # a model folder relative to where the command runs, or an alias
 
     def __post_init__(self) -> None:
         from ..prune.base import pruner_names
@@ -149,9 +150,12 @@ class PooledClient(ClientMethod):
         device = select_device(cfg.run.device)
         inputs, stats = client_step(adapter, model, list(windows.split(1)), inputs, index,
                                     update, set(_pruner(cfg.method).needs), device)
-        buffer = io.BytesIO()
-        torch.save({"block": index, "inputs": inputs}, buffer)
-        atomic_write(state, lambda f: f.write(buffer.getvalue()))
+        if index < len(adapter.blocks(model)) - 1:
+            buffer = io.BytesIO()
+            torch.save({"block": index, "inputs": inputs}, buffer)
+            atomic_write(state, lambda f: f.write(buffer.getvalue()))
+        else:  # the last block: nothing follows, the cached inputs go
+            state.unlink(missing_ok=True)
         return encode_stats(stats), {"num-examples": len(windows), "block": index}
 
 
