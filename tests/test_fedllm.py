@@ -166,3 +166,80 @@ def test_a_client_that_misses_a_block_sits_out_the_rest(tmp_path, data_root, cap
     assert "no inputs of block 0" in caplog.text
     # after the last block no client keeps cached inputs behind
     assert not list((tmp_path / "fedprune-pooled").rglob("client-*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["mask-vote", "l0-average"])
+def test_local_pruning_protocols_end_to_end(protocol, tmp_path, data_root):
+    """Each client prunes on its own text (real Flower simulation, 3 text clients); the
+    server's layers are what the combining rule gives on the clients' own results."""
+    from transformers import AutoModelForCausalLM
+
+    from fedprune.lm.clients import partition_text
+    from fedprune.lm.loading import load_causal_lm
+    from fedprune.prune.base import SparsityTarget, get_pruner
+    from fedprune.prune.consensus import l0_average, mask_vote
+    from fedprune.prune.pipeline import prune_model
+    from server.simulate import simulate
+
+    cfg = load_config("default", [*LLM, f"method.name={protocol}", f"run.out_dir={tmp_path}",
+                                  "run.name=llm"])
+    summary = simulate(cfg, tmp_path / "llm")
+    assert summary["record"]["contributors"] == [0, 1, 2]
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "llm" / "model")
+                 .named_parameters())
+    model, tokenizer = load_causal_lm("tiny-llama")
+    own = []  # each client's own result, recomputed here
+    for c in partition_text(cfg.text, 3, tokenizer):
+        local = copy.deepcopy(model)
+        report = prune_model(local, get_pruner("wanda"), SparsityTarget(0.5),
+                             list(c.windows.split(1)), sequential=True, progress=False)
+        own.append((dict(local.named_parameters()), report.masks))
+    dense = dict(model.named_parameters())
+    for name in own[0][1]:
+        masks = [m[name] for _, m in own]
+        if protocol == "mask-vote":
+            expected, _ = mask_vote(masks, dense[f"{name}.weight"].detach(), SparsityTarget(0.5))
+        else:
+            expected, _ = l0_average([p[f"{name}.weight"].detach() for p, _ in own], masks,
+                                     SparsityTarget(0.5))
+        torch.testing.assert_close(saved[f"{name}.weight"], expected.float())
+
+
+def test_a_client_mask_with_the_wrong_count_is_rejected(tmp_path, data_root, caplog):
+    import logging
+
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+    from client.client_app import app as client_app
+    from fedprune.masks import wire
+    from fedprune.methods import method_class
+    from server.query import base_spec, run_queries
+    from flower_helpers import FakeGrid, set_identity
+
+    cfg = load_config("default", [*LLM, "method.name=mask-vote", f"data.cache_dir={tmp_path}"])
+    cls = method_class("mask-vote")
+    core = cls.make_core(cfg)
+
+    def answer(msg):
+        pid = msg.metadata.dst_node_id - 1
+        set_identity(msg.metadata.dst_node_id)
+        out = client_app(msg, Context(run_id=1, node_id=pid + 1, state=RecordDict(),
+                                      run_config={}, node_config={"partition-id": pid,
+                                                                  "num-partitions": 3}))
+        arrays = {n: a.numpy() for n, a in out.content["arrays"].items()}
+        if pid == 2:  # keeps one weight more than Wanda at 50% keeps
+            key = next(iter(arrays))
+            shape = tuple(core.model.get_submodule(key.split("/", 1)[1]).weight.shape)
+            mask = wire.unpack_mask(arrays[key], shape, key, "test")
+            mask.reshape(-1)[np.flatnonzero(~mask.reshape(-1))[0]] = True
+            arrays[key] = wire.pack_mask(mask)
+        return Message(RecordDict({"metrics": MetricRecord(dict(out.content["metrics"])),
+                                   "arrays": ArrayRecord({k: Array(v) for k, v in
+                                                          arrays.items()})}), reply_to=msg)
+
+    with caplog.at_level(logging.WARNING):
+        record = run_queries(FakeGrid([1, 2, 3], answer), cls(cfg, core),
+                             base_spec(cfg, core.client_sizes()))
+    assert record["contributors"] == [0, 1] and "the target keeps" in caplog.text

@@ -38,8 +38,10 @@ from .base import ClientMethod, Method, Query, register_method
 
 
 @dataclass
-class PooledConfig(MethodConfig):
-    name: str = "pooled"
+class LMMethodConfig(MethodConfig):
+    """What every federated one-shot LLM method shares: the model, the pruner, the target."""
+
+    name: str = ""
     model: str = "smollm2-135m"  # alias, .gguf, folder or hub id (fedprune.lm.loading)
     pruner: str = "wanda"  # magnitude | wanda | sparsegpt | admm
     sparsity: float = 0.5
@@ -48,8 +50,8 @@ class PooledConfig(MethodConfig):
     maybe_paths = ("model",)  # a model folder relative to where the command runs, or an alias
 
     def __post_init__(self) -> None:
-        from ..prune.base import pruner_names
         import fedprune.prune.methods  # noqa: F401  (registers the pruners)
+        from ..prune.base import pruner_names
 
         if self.pruner not in pruner_names():
             raise ConfigError(f"method.pruner={self.pruner!r} is not valid; choose one of "
@@ -61,11 +63,17 @@ class PooledConfig(MethodConfig):
         except ValueError as err:
             raise ConfigError(f"method.pattern={self.pattern!r} is not valid: {err}") from None
 
-    def target(self) -> SparsityTarget:
-        return SparsityTarget.parse(self.sparsity if not self.pattern else 0.0, self.pattern)
+    def target(self, scope: str = "layer") -> SparsityTarget:
+        return SparsityTarget.parse(self.sparsity if not self.pattern else 0.0, self.pattern,
+                                    scope)
 
 
-def _pruner(options: PooledConfig):
+@dataclass
+class PooledConfig(LMMethodConfig):
+    name: str = "pooled"
+
+
+def _pruner(options: LMMethodConfig):
     from ..prune.base import get_pruner
 
     return get_pruner(options.pruner)
@@ -198,16 +206,20 @@ def decode_update(adapter, model, index: int, payload: dict) -> dict[str, torch.
 # ----------------------------------------------------------------------------- server
 
 
-@register_method
-class Pooled(Method):
-    config_cls = PooledConfig
-    client_cls = PooledClient
+class LMMethod(Method):
+    """A federated one-shot method on a causal LM (the server core is ``LMCore``)."""
 
     @classmethod
     def make_core(cls, cfg):
         from ..fl.lm_core import LMCore
 
         return LMCore(cfg)
+
+
+@register_method
+class Pooled(LMMethod):
+    config_cls = PooledConfig
+    client_cls = PooledClient
 
     def queries(self):
         from ..prune.pooled import PooledServer

@@ -125,6 +125,13 @@ class Adapter(ABC):
             return matrix
         raise TypeError(f"{self.family} adapter: cannot prune a {type(module).__name__}")
 
+    def from_native(self, module: nn.Module, native: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_native`: a tensor laid out like ``module.weight`` (a
+        mask, say) as the (out, in) matrix."""
+        if isinstance(module, nn.Linear):
+            return native
+        raise TypeError(f"{self.family} adapter: cannot prune a {type(module).__name__}")
+
     @torch.no_grad()
     def set_matrix_(self, module: nn.Module, matrix: torch.Tensor) -> None:
         """Write ``matrix`` (out, in) into ``module.weight`` in place (dtype and device kept)."""

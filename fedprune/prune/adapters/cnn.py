@@ -84,6 +84,11 @@ class CNNAdapter(Adapter):
             return matrix.reshape(module.weight.shape)  # (out, in/g, kh, kw)
         return super().to_native(module, matrix)
 
+    def from_native(self, module: nn.Module, native: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, _CONVS):
+            return native.reshape(native.shape[0], -1)  # (out, in/g*kh*kw)
+        return super().from_native(module, native)
+
     def layer_rows(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         if isinstance(module, _CONVS):
             self.check_layer(type(module).__name__, module, needs_rows=True)

@@ -75,6 +75,11 @@ class HFStackAdapter(Adapter):
             return matrix.T  # (out, in) -> (in, out) as stored
         return super().to_native(module, matrix)
 
+    def from_native(self, module: nn.Module, native: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, _conv1d_type()):
+            return native.T  # (in, out) as stored -> (out, in)
+        return super().from_native(module, native)
+
     def layer_rows(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         if isinstance(module, _conv1d_type()):
             return inp.reshape(-1, module.weight.shape[0])  # (B*T, in)
