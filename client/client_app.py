@@ -5,20 +5,60 @@ so a client needs nothing but its ``partition-id`` / ``num-partitions`` node con
 rounds arrive as message type ``query`` naming their kind (``fedprune-query``) and go to
 the configured method's client part, so this app names no method. Injected faults
 (``faults`` section, simulation only) are applied to the honest reply last.
+
+Secure aggregation (``secagg``): the server's SecAgg+ stages arrive as ``train``
+messages carrying Flower's ``secaggplus`` config record; ``secure_mod`` hands exactly
+those to Flower's ``secaggplus_mod``, whose masked-vector stage calls ``secure_answer``:
+the method's answer to the query, encoded by ``fedprune.fl.secure.SecureSum``. Every
+other message passes untouched. Faults are not injected under secure aggregation.
 """
 
 from __future__ import annotations
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedprune.config import from_yaml
 from fedprune.fl.client_core import (check_partition, client_evaluate, client_query,
                                      client_train)
 from fedprune.fl.faults import inject
+from fedprune.fl.secure import SecureSum
 
-app = ClientApp()
+
+def secure_answer(msg: Message, context: Context) -> Message:
+    """SecAgg+'s masked-vector stage: answer the query, return the encoded vector."""
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    conf = ins.config
+    cfg = from_yaml(bytes(conf["fedprune-config"]).decode())
+    torch.set_num_threads(cfg.sim.torch_threads)
+    pid = int(context.node_config["partition-id"])
+    check_partition(cfg, pid, int(context.node_config["num-partitions"]))
+    names = [n for n in str(conf["payload-names"]).split("\n") if n]
+    payload = dict(zip(names, parameters_to_ndarrays(ins.parameters)))
+    config = {k[len("query."):]: v for k, v in conf.items() if k.startswith("query.")}
+    arrays, metrics = client_query(cfg, pid, str(conf["fedprune-query"]), payload, config)
+    examples = int(metrics["num-examples"])
+    vector, clipped = SecureSum.from_json(str(conf["secure"])).encode(arrays, examples)
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), examples,
+                 {**metrics, "partition-id": pid, "secagg-clipped": clipped})
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ for the stages of a secure query round; all else passes."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, secure_answer)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_mod])
 
 
 def _unpack(msg: Message, context: Context):

@@ -192,6 +192,38 @@ class FaultConfig:
                     "faults.fail + faults.timeout + faults.garbage must be <= 1", self.fail)
 
 
+@dataclass
+class SecAggConfig:
+    """Flower's secure aggregation (SecAgg+) for the replies a method sums (``pooled``'s
+    statistics): the server learns only the sum of the clients' replies. Each reply is
+    divided by a public per-array scale (the server's statistics of ``probe`` windows of
+    random tokens, times ``headroom``), clipped to [-1, 1] and quantized to
+    ``2**quant_bits`` levels (stochastic rounding); the masks live modulo
+    ``2**modulus_bits``. ``shares``/``threshold``: SecAgg+'s neighbours per client and how
+    many of them must answer to unmask (fractions of the sampled clients)."""
+
+    enabled: bool = False
+    shares: float = 1.0
+    threshold: float = 0.7
+    quant_bits: int = 30
+    modulus_bits: int = 40
+    headroom: float = 8.0
+    probe: int = 2
+
+    def __post_init__(self) -> None:
+        check_value("secagg.shares", 0 < self.shares <= 1, "must be in (0, 1]", self.shares)
+        check_value("secagg.threshold", 0 < self.threshold <= 1, "must be in (0, 1]",
+                    self.threshold)
+        # Flower's stochastic rounding casts to int32; the modulus must hold the sum of
+        # every client's quantized value (up to 2**quant_bits each) in int64 arithmetic.
+        check_value("secagg.quant_bits", 2 <= self.quant_bits <= 30, "must be in [2, 30]",
+                    self.quant_bits)
+        check_value("secagg.modulus_bits", self.quant_bits < self.modulus_bits <= 62,
+                    "must be in (secagg.quant_bits, 62]", self.modulus_bits)
+        check_value("secagg.headroom", self.headroom >= 1, "must be >= 1", self.headroom)
+        check_value("secagg.probe", self.probe >= 1, "must be >= 1", self.probe)
+
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -211,7 +243,8 @@ class SimConfig:
                     self.torch_threads)
 
 
-TEXT_SOURCES = ("ptb", "wikitext2", "shakespeare")
+TEXT_SOURCES = ("ptb", "wikitext2", "shakespeare", "kjv")
+DEFAULT_TEXT_SOURCES = ("ptb", "wikitext2", "shakespeare")  # kjv: opt in
 TEXT_PARTITIONERS = ("domain", "dirichlet", "iid")
 
 
@@ -223,7 +256,7 @@ class TextConfig:
     partitioner; perplexity is measured on the first ``eval_windows`` windows of
     ``eval_length`` tokens of each source's held-out test split."""
 
-    sources: list[str] = field(default_factory=lambda: list(TEXT_SOURCES))
+    sources: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_SOURCES))
     partitioner: str = "domain"
     alpha: float = 0.5  # dirichlet: concentration over sources
     windows: int = 16
@@ -269,6 +302,8 @@ class MethodConfig:
     # a one-shot method prunes in query rounds only (fed.rounds must be 0); the others
     # train for fed.rounds >= 1 rounds
     one_shot: ClassVar[bool] = False
+    # a method whose replies are sums can run them through secure aggregation (secagg)
+    secure_sums: ClassVar[bool] = False
 
     def check(self, cfg: "ExperimentConfig") -> None:
         """Checks that need other sections (e.g. a round bound against ``fed.rounds``);
@@ -290,6 +325,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         if type(self.method) is MethodConfig:  # built directly: the method's own defaults
@@ -309,6 +345,19 @@ class ExperimentConfig:
                 f"fed.rounds={self.fed.rounds} does not fit method {self.method.name!r}: "
                 + ("it is one-shot (query rounds only): set fed.rounds=0" if self.method.one_shot
                    else "it trains: set fed.rounds >= 1"))
+        if self.secagg.enabled and not self.method.secure_sums:
+            raise ConfigError(f"secagg.enabled=true needs a method whose replies are sums "
+                              f"(pooled); method {self.method.name!r} sends no sums")
+        if self.secagg.enabled and self.data.num_clients < 2:
+            raise ConfigError(f"secagg.enabled=true needs data.num_clients >= 2 (SecAgg+ "
+                              f"masks each reply with its neighbours'), got "
+                              f"{self.data.num_clients}")
+        if self.secagg.enabled and self.data.num_clients >= 2 ** (
+                self.secagg.modulus_bits - self.secagg.quant_bits):
+            raise ConfigError(f"data.num_clients={self.data.num_clients}: the sum of that "
+                              f"many replies overflows secagg.modulus_bits="
+                              f"{self.secagg.modulus_bits} at secagg.quant_bits="
+                              f"{self.secagg.quant_bits}")
         self.method.check(self)
 
 

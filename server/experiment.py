@@ -8,6 +8,7 @@ every round (metrics, model, mask) and writes a checkpoint after each, from whic
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -45,10 +46,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     ``resume``: continue from ``run_dir``'s checkpoint instead of starting over."""
     method_cls = method_class(cfg.method.name)
     if cfg.method.one_shot:
-        if resume:
-            raise ValueError(f"method {cfg.method.name!r} is one-shot: its runs cannot be "
-                             "resumed yet")
-        return run_oneshot(grid, cfg, run_dir, method_cls)
+        return run_oneshot(grid, cfg, run_dir, method_cls, resume)
     core = method_cls.make_core(cfg)
     method = method_cls(cfg, core)
     strategy = make_strategy(cfg, core, method, [len(p) for p in partition(cfg.data)])
@@ -105,36 +103,56 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     return summary
 
 
-def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls) -> dict:
+def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
+                resume: bool = False) -> dict:
     """A one-shot method (federated LLM pruning): perplexity before, the method's query
-    rounds (a row per round as it ends), perplexity after, the pruned model saved."""
+    rounds (a row per round as it ends), perplexity after, the pruned model saved.
+    ``resume``: continue an interrupted run from what its method saved (``pooled``: every
+    finished block; the others start their single round again)."""
     from fedprune.lm.clients import text_partition_report
 
     t0 = time.time()
     core = method_cls.make_core(cfg)
     method = method_cls(cfg, core)
-    recorder = RunRecorder(run_dir, to_yaml(cfg))
+    method.checkpoint_dir, method.resume = Path(run_dir), resume
+    dense_file = Path(run_dir) / "perplexity_dense.json"
+    if resume:
+        if not dense_file.is_file():
+            raise ValueError(f"{run_dir}: nothing to resume (no perplexity_dense.json: the "
+                             "run stopped before its first query round)")
+        before = json.loads(dense_file.read_text())
+        saved = sorted((Path(run_dir) / "blocks").glob("block-*.safetensors"))
+        recorder = RunRecorder(run_dir, to_yaml(cfg), resume_round=len(saved))
+    else:
+        recorder = RunRecorder(run_dir, to_yaml(cfg))
     text_partition_report(cfg.text, cfg.data.num_clients, recorder.dir)
     phases = {"load": time.time() - t0}
     t = time.time()
-    before = core.perplexity()
+    if not resume:
+        before = core.perplexity()
+        recorder.write_json("perplexity_dense.json", before)
     phases["eval_dense"] = time.time() - t
-    total = {"n": 0}
+    total = {"n": len(recorder.rows)}
 
     def on_query(query, replies, meter) -> None:
         total["n"] += 1
+        # a secure sum is one reply naming its contributors
+        parts = [p for r in replies for p in r.metrics.get("contributors", [r.partition])]
+        clipped = sum(int(r.metrics.get("clipped", 0)) for r in replies)
         row = {"round": total["n"], "query": query.kind, **query.config,
-               "clients": len(replies), "rejected": meter["rejected"],
-               "partitions": [r.partition for r in replies],
+               "clients": len(parts), "rejected": meter["rejected"], "partitions": parts,
+               "secure": query.secure is not None, "clipped": clipped,
                "bytes_down": meter["bytes_down"], "bytes_up": meter["bytes_up"],
                "bytes_total": meter["bytes_down"] + meter["bytes_up"],
                "wall_seconds": meter["seconds"]}
         row.pop("run-token", None)
         row["line"] = (f"[fedprune] {query.kind} {row.get('block', total['n'] - 1)}  "
-                       f"clients {len(replies)}/{cfg.data.num_clients}  "
+                       f"clients {len(parts)}/{cfg.data.num_clients}"
+                       f"{' (secure sum)' if query.secure is not None else ''}  "
                        f"down {meter['bytes_down'] / 1e6:7.3f} MB  "
                        f"up {meter['bytes_up'] / 1e6:8.3f} MB  {meter['seconds']:6.1f}s"
-                       + (f"  ({meter['rejected']} rejected)" if meter["rejected"] else ""))
+                       + (f"  ({meter['rejected']} rejected)" if meter["rejected"] else "")
+                       + (f"  ({clipped} entries clipped)" if clipped else ""))
         recorder.log_round(row)
         print(row["line"], flush=True)
 

@@ -24,6 +24,7 @@ from fedprune.fl.replies import Checked, Metric, ReplyError, ReplySpec, examples
 from fedprune.methods import Method, Query
 
 from .records import config_record, record_bytes, to_numpy, to_record
+from .secure import secure_ask
 
 
 class QuorumError(RuntimeError):
@@ -94,6 +95,16 @@ def ask(grid: Grid, cfg: ExperimentConfig, query: Query, spec: ReplySpec, meter:
     record = to_record(query.arrays)
     for attempt in range(cfg.fed.retries + 1):
         nodes = available_nodes(grid, cfg)
+        if query.secure is not None:
+            need = quorum(cfg, len(nodes))
+            total = secure_ask(grid, cfg, query, spec, meter, nodes, attempt)
+            if total is not None and len(total.metrics["contributors"]) >= need:
+                return [total]
+            got = 0 if total is None else len(total.metrics["contributors"])
+            log(WARNING, "query %s: the secure sum holds %d of %d clients, below the quorum "
+                "of %d (attempt %d of %d)", query.kind, got, len(nodes), need, attempt + 1,
+                cfg.fed.retries + 1)
+            continue
         conf = config_record(cfg)
         conf["fedprune-query"] = query.kind
         for key, value in query.config.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,3 +412,24 @@ def test_smollm2_wikitext_perplexity_is_sane(smollm2, cache):
     # Dense SmolLM2-135M is about 27 on all windows; the first four measure 26.6.
     assert 15 < result["ppl"] < 45
     assert np.isfinite(result["nll"])
+
+
+def test_kjv_holds_out_every_tenth_chapter():
+    """Read independently from the package's file: chapter 10 of Genesis opens the held-out
+    text, Genesis 1:1 opens train, and the two splits share no verse."""
+    import importlib.util
+    import json
+
+    path = (Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data"
+            / "kjv.jsonl")
+    verses = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    chapters = list(dict.fromkeys((v["book"], v["chapter"]) for v in verses))
+    assert (len(verses), len(chapters)) == (31103, 1189)  # verses in the file, chapters
+    test, train = load_text("kjv", "test"), load_text("kjv", "train")
+    assert test == load_text("kjv", "valid")
+    assert train.startswith("In the beginning God created the heaven and the earth.")
+    assert test.startswith("Now these are the generations of the sons of Noah")  # Genesis 10:1
+    held = {c for i, c in enumerate(chapters, start=1) if i % 10 == 0}
+    assert len(held) == 118
+    assert test == " ".join(v["text"] for v in verses if (v["book"], v["chapter"]) in held)
+    assert train == " ".join(v["text"] for v in verses if (v["book"], v["chapter"]) not in held)

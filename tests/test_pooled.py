@@ -71,6 +71,35 @@ def test_clients_follow_the_block_order_and_a_bad_update_is_refused():
         client.block_stats(1, {"nope": torch.zeros(1)})
 
 
+def test_a_client_without_its_cache_replays_the_finished_blocks_to_the_same_inputs():
+    """A resumed run's client recomputes block k's inputs from the saved updates of blocks
+    0..k-1: the same tensors the client that never stopped holds (4-block Llama)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedprune.prune.adapters import adapter_for
+    from fedprune.prune.pooled import replay_inputs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=4, num_attention_heads=4,
+                                         max_position_embeddings=64)).eval()
+    pruner, windows = get_pruner("sparsegpt"), [_windows(1, 2)]
+    server = PooledServer(copy.deepcopy(model), pruner, SparsityTarget(0.5))
+    client = PooledClient(copy.deepcopy(model), windows, pruner.needs)
+    updates, update = [], None
+    for index in range(3):
+        update = server.prune_block(index, [client.block_stats(index, update)])
+        updates.append(update)
+    client.block_stats(3, update)  # now holds the inputs of block 3
+    adapter = adapter_for(model)
+    replayed = replay_inputs(adapter, copy.deepcopy(model), windows, updates)
+    assert len(replayed) == len(client.inputs)
+    for a, b in zip(replayed, client.inputs):
+        assert torch.equal(a.hidden, b.hidden)
+    shorter = replay_inputs(adapter, copy.deepcopy(model), windows, updates[:1])
+    assert not torch.equal(shorter[0].hidden, replayed[0].hidden)
+
+
 @pytest.mark.slow
 def test_pooled_equals_centralized_on_a_real_smollm2_block():
     """SmolLM2-135M (the package's weights), two clients with different PTB windows: block

