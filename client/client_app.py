@@ -28,7 +28,7 @@ from fedprune.config import from_yaml
 from fedprune.fl.client_core import (check_partition, client_evaluate, client_query,
                                      client_train)
 from fedprune.fl.faults import inject
-from fedprune.fl.secure import SecureSum
+from fedprune.fl.secure import SCALE_PREFIX, SecureSum
 
 
 def secure_answer(msg: Message, context: Context) -> Message:
@@ -40,11 +40,13 @@ def secure_answer(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     check_partition(cfg, pid, int(context.node_config["num-partitions"]))
     names = [n for n in str(conf["payload-names"]).split("\n") if n]
-    payload = dict(zip(names, parameters_to_ndarrays(ins.parameters)))
+    received = dict(zip(names, parameters_to_ndarrays(ins.parameters)))
+    layout = SecureSum.from_json(str(conf["secure"]), received)
+    payload = {k: v for k, v in received.items() if not k.startswith(SCALE_PREFIX)}
     config = {k[len("query."):]: v for k, v in conf.items() if k.startswith("query.")}
     arrays, metrics = client_query(cfg, pid, str(conf["fedprune-query"]), payload, config)
     examples = int(metrics["num-examples"])
-    vector, clipped = SecureSum.from_json(str(conf["secure"])).encode(arrays, examples)
+    vector, clipped = layout.encode(arrays, examples)
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), examples,
                  {**metrics, "partition-id": pid, "secagg-clipped": clipped})
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)

@@ -207,7 +207,7 @@ class SecAggConfig:
     threshold: float = 0.7
     quant_bits: int = 30
     modulus_bits: int = 40
-    headroom: float = 8.0
+    headroom: float = 64.0
     probe: int = 2
 
     def __post_init__(self) -> None:
@@ -420,18 +420,26 @@ def _merge(layers: list) -> ExperimentConfig:
 
 
 def _for_final_method(layers: list) -> tuple[list, str]:
-    """The method is the last ``method.name`` set; options a layer gave while another
-    method was named are dropped, so ``method.name=gates`` over a YAML whose method section
-    belongs to ``fixed`` switches the method instead of failing on ``fixed``'s keys."""
+    """The method is the last ``method.name`` set; of the options a layer gave while
+    another method was named, those the final method does not have are dropped, so
+    ``method.name=gates`` over a YAML whose method section belongs to ``fixed`` switches
+    the method instead of failing on ``fixed``'s keys, and ``method.name=mask-vote`` over
+    a ``pooled`` YAML keeps the model, pruner and target both declare."""
+    import dataclasses
+
     running, owners = MethodConfig.name, []
     for layer in layers:
         running = str(OmegaConf.select(layer, "method.name") or running)
         owners.append(running)
+    shared = {f.name for f in dataclasses.fields(method_config_class(running))} - {"name"}
     kept = []
     for layer, owner in zip(layers, owners):
         if owner != running and "method" in layer:
             layer = layer.copy()
+            options = {k: v for k, v in layer["method"].items() if k in shared}
             del layer["method"]
+            if options:
+                layer["method"] = options
         kept.append(layer)
     return kept, running
 

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedprune.config import ExperimentConfig, to_flat_dict, to_yaml
 from fedprune.data import partition, partition_report
-from fedprune.fl.recorder import RunRecorder, load_checkpoint
+from fedprune.fl.recorder import RunRecorder, load_checkpoint, read_rows
 from fedprune.fl.server_core import SparseServer
 from fedprune.fl.summary import print_oneshot_summary, print_round, print_summary, summarize
 from fedprune.methods import Method, method_class
@@ -105,8 +105,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
 
 def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
                 resume: bool = False) -> dict:
-    """A one-shot method (federated LLM pruning): perplexity before, the method's query
-    rounds (a row per round as it ends), perplexity after, the pruned model saved.
+    """A one-shot method (federated pruning of an LLM or a trained CNN): perplexity (or
+    accuracy) before, the method's query rounds (a row per round as it ends), after, the
+    pruned model saved.
     ``resume``: continue an interrupted run from what its method saved (``pooled``: every
     finished block; the others start their single round again)."""
     from fedprune.lm.clients import text_partition_report
@@ -115,22 +116,25 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
     core = method_cls.make_core(cfg)
     method = method_cls(cfg, core)
     method.checkpoint_dir, method.resume = Path(run_dir), resume
-    dense_file = Path(run_dir) / "perplexity_dense.json"
+    metric = core.metric  # perplexity per text source, or a CNN's test accuracy
+    dense_file = Path(run_dir) / f"{metric}_dense.json"
     if resume:
         if not dense_file.is_file():
-            raise ValueError(f"{run_dir}: nothing to resume (no perplexity_dense.json: the "
+            raise ValueError(f"{run_dir}: nothing to resume (no {dense_file.name}: the "
                              "run stopped before its first query round)")
         before = json.loads(dense_file.read_text())
-        saved = sorted((Path(run_dir) / "blocks").glob("block-*.safetensors"))
-        recorder = RunRecorder(run_dir, to_yaml(cfg), resume_round=len(saved))
+        saved = len(list((Path(run_dir) / "blocks").glob("block-*.safetensors")))
+        rows = read_rows(Path(run_dir) / "metrics.jsonl")  # a block may take two rounds
+        done = max((r["round"] for r in rows if r.get("block", saved) < saved), default=0)
+        recorder = RunRecorder(run_dir, to_yaml(cfg), resume_round=done)
     else:
         recorder = RunRecorder(run_dir, to_yaml(cfg))
     text_partition_report(cfg.text, cfg.data.num_clients, recorder.dir)
     phases = {"load": time.time() - t0}
     t = time.time()
     if not resume:
-        before = core.perplexity()
-        recorder.write_json("perplexity_dense.json", before)
+        before = core.evaluate()
+        recorder.write_json(dense_file.name, before)
     phases["eval_dense"] = time.time() - t
     total = {"n": len(recorder.rows)}
 
@@ -146,7 +150,8 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
                "bytes_total": meter["bytes_down"] + meter["bytes_up"],
                "wall_seconds": meter["seconds"]}
         row.pop("run-token", None)
-        row["line"] = (f"[fedprune] {query.kind} {row.get('block', total['n'] - 1)}  "
+        phase = f" ({query.config['phase']})" if "phase" in query.config else ""
+        row["line"] = (f"[fedprune] {query.kind} {row.get('block', total['n'] - 1)}{phase}  "
                        f"clients {len(parts)}/{cfg.data.num_clients}"
                        f"{' (secure sum)' if query.secure is not None else ''}  "
                        f"down {meter['bytes_down'] / 1e6:7.3f} MB  "
@@ -160,7 +165,7 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
     record = run_queries(grid, method, base_spec(cfg, core.client_sizes()), on_query)
     phases["prune"] = time.time() - t
     t = time.time()
-    after = core.perplexity()
+    after = core.evaluate()
     phases["eval_pruned"] = time.time() - t
     core.save(recorder.dir / "model")
     phases["save"] = core.save_seconds
@@ -168,9 +173,9 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
     rows = recorder.rows
     summary = {
         "method": cfg.method.name, "model": cfg.method.model, "record": record,
-        "perplexity_dense": before, "perplexity_pruned": after,
-        "perplexity_dense_mean": sum(before.values()) / len(before),
-        "perplexity_pruned_mean": sum(after.values()) / len(after),
+        "metric": metric, f"{metric}_dense": before, f"{metric}_pruned": after,
+        f"{metric}_dense_mean": sum(before.values()) / len(before),
+        f"{metric}_pruned_mean": sum(after.values()) / len(after),
         "sparsity": sum(sparsity.values()) / len(sparsity), "layer_sparsity": sparsity,
         "bytes_down": sum(r["bytes_down"] for r in rows),
         "bytes_up": sum(r["bytes_up"] for r in rows),

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from fedprune.config import ExperimentConfig
 from fedprune.fl.replies import (Checked, ReplyError, ReplySpec, check_metrics, examples,
                                  validate)
+from fedprune.fl.oneshot import example_bound
 from fedprune.fl.secure import SecureSum
 
 from .records import config_record
@@ -44,15 +45,16 @@ def secure_ask(grid: Grid, cfg: ExperimentConfig, query, spec: ReplySpec, meter:
     every reply's spec merged with the query's; its metrics are checked per client, the
     query's own records and checks on the sum."""
     secure: SecureSum = query.secure
-    names = sorted(query.arrays)
+    arrays = {**query.arrays, **secure.scale_arrays()}
+    names = sorted(arrays)
     conf = {**config_record(cfg), "fedprune-query": query.kind, "secure": secure.to_json(),
             "payload-names": "\n".join(names)}
     conf.update({f"query.{k}": v for k, v in query.config.items()})
-    ins = FitIns(ndarrays_to_parameters([query.arrays[n] for n in names]), conf)
+    ins = FitIns(ndarrays_to_parameters([arrays[n] for n in names]), conf)
     strategy = _Strategy(grid, nodes, ins)
     # a client's clear metrics: those every reply carries and the query's own; its example
-    # count weighs its vector, so it may not exceed what every text client holds
-    metrics = {**spec.metrics, "num-examples": examples(cfg.text.windows)}
+    # count weighs its vector, so it may not exceed what a client calibrates on
+    metrics = {**spec.metrics, "num-examples": examples(example_bound(cfg))}
     checking = _CheckingGrid(grid, metrics, meter, query.kind)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}), strategy=strategy)
@@ -62,7 +64,7 @@ def secure_ask(grid: Grid, cfg: ExperimentConfig, query, spec: ReplySpec, meter:
     s = cfg.secagg
     workflow = SecAggPlusWorkflow(
         num_shares=float(s.shares), reconstruction_threshold=float(s.threshold),
-        max_weight=float(cfg.text.windows), clipping_range=1.0,
+        max_weight=float(example_bound(cfg)), clipping_range=1.0,
         quantization_range=2 ** s.quant_bits, modulus_range=2 ** s.modulus_bits,
         timeout=cfg.fed.round_timeout)
     workflow(checking, context)

@@ -75,7 +75,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False,
         if status.get("status") != "finished:completed":
             raise SimulationError(_failure(status, run_dir))
         summary = json.loads((run_dir / "summary.json").read_text())
-        show = print_oneshot_summary if "perplexity_dense" in summary else print_summary
+        show = print_oneshot_summary if "metric" in summary else print_summary
         show(summary, run_dir)
         return summary
     finally:

@@ -137,3 +137,11 @@ def test_switching_the_method_drops_the_files_options_for_the_old_one():
     assert cfg.method.name == "gates" and cfg.method.rounds == 2  # default.yaml's init dropped
     with pytest.raises(ConfigError, match="method.init"):  # an option of another method
         load_config("default", ["method.name=gates", "method.init=erk"])
+
+
+def test_switching_the_method_keeps_the_options_both_methods_declare():
+    cfg = load_config("llm_pooled", ["method.name=mask-vote", "method.pruner=sparsegpt"])
+    assert (cfg.method.name, cfg.method.model, cfg.method.pruner) == (
+        "mask-vote", "smollm2-135m", "sparsegpt")
+    cnn = load_config("cnn_oneshot_fed", ["method.name=l0-average"])
+    assert (cnn.method.model, cnn.method.sparsity, cnn.method.calib_images) == ("cnn", 0.7, 128)

@@ -6,9 +6,15 @@ returns the *example-weighted mean* of the clients' vectors, each clipped to
 its clients' arrays (``pooled``: squared norms, Gram matrices) therefore has each client
 send ``array / (examples * scale)`` with weight ``examples``: the weighted mean is then
 ``sum(arrays) / (total examples * scale)`` and the server multiplies back. ``scale`` is
-public, one per array, chosen by the server so that the values sit well inside [-1, 1]
-(``clip`` = 1); a client counts the entries it had to clip (a count, sent in the clear).
-Symmetric matrices travel as their upper triangle (half the entries).
+public and per entry, chosen by the server so that the values sit well inside [-1, 1]
+(``clip`` = 1): a vector ``u`` per array, the scale of entry j being ``u[j]`` (1-D
+arrays) or ``u[j] * u[k]`` (matrices). For a Gram matrix with ``u = sqrt(c * diag)`` of
+an estimate of its diagonal this is the Cauchy-Schwarz bound ``|G_jk| <= sqrt(G_jj
+G_kk)`` times ``c``: every entry keeps its precision relative to its own size, where one
+scale per matrix would drown the small input channels under the largest one's
+quantization steps (it made SmolLM2's summed Grams indefinite). A client counts the
+entries it had to clip (a count, sent in the clear). Symmetric matrices travel as their
+upper triangle (half the entries).
 
 Error bound (per entry of the sum): each client's stochastic rounding moves its value by
 less than one step 2 / 2**quant_bits, so the weighted mean moves by less than that and
@@ -26,20 +32,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+SCALE_PREFIX = "secure-scale/"  # the scale vectors travel beside the query's arrays
+
+
 @dataclass
 class SecureSum:
-    """Which reply arrays are summed securely, their shapes and public scales."""
+    """Which reply arrays are summed securely, their shapes and public scale vectors."""
 
     shapes: dict[str, tuple[int, ...]]
-    scales: dict[str, float]
+    scales: dict[str, np.ndarray]  # name -> u: entry scales u[j] (1-D) or u[j] u[k] (2-D)
     triangular: set[str] = field(default_factory=set)  # symmetric (n, n): upper triangle
 
     def __post_init__(self) -> None:
         if set(self.scales) != set(self.shapes):
-            raise ValueError("SecureSum: every array needs exactly one scale")
-        for name, scale in self.scales.items():
-            if not (np.isfinite(scale) and scale > 0):
-                raise ValueError(f"SecureSum: scale of {name!r} is {scale}, must be > 0")
+            raise ValueError("SecureSum: every array needs exactly one scale vector")
+        for name, u in self.scales.items():
+            u = self.scales[name] = np.asarray(u, dtype=np.float64)
+            shape = tuple(self.shapes[name])
+            if u.shape != shape[:1] or len(shape) > 2 or (len(shape) == 2 and
+                                                          shape[0] != shape[1]):
+                raise ValueError(f"SecureSum: {name!r} of shape {shape} needs a scale vector "
+                                 f"of its first dimension, got {u.shape}")
+            if not (np.isfinite(u).all() and (u > 0).all()):
+                raise ValueError(f"SecureSum: the scales of {name!r} must be finite and > 0")
         for name in self.triangular:
             shape = self.shapes[name]
             if len(shape) != 2 or shape[0] != shape[1]:
@@ -49,15 +64,28 @@ class SecureSum:
     def names(self) -> list[str]:
         return sorted(self.shapes)
 
+    def scale(self, name: str) -> np.ndarray:
+        """The scale of every entry of ``name`` (its shape)."""
+        u = self.scales[name]
+        return np.outer(u, u) if len(self.shapes[name]) == 2 else u
+
     def to_json(self) -> str:
+        """Shapes and packing; the scale vectors go as arrays (:meth:`scale_arrays`)."""
         return json.dumps({"shapes": {n: list(s) for n, s in self.shapes.items()},
-                           "scales": self.scales, "triangular": sorted(self.triangular)})
+                           "triangular": sorted(self.triangular)})
+
+    def scale_arrays(self) -> dict[str, np.ndarray]:
+        return {f"{SCALE_PREFIX}{n}": u for n, u in self.scales.items()}
 
     @classmethod
-    def from_json(cls, text: str) -> "SecureSum":
+    def from_json(cls, text: str, arrays: Mapping[str, np.ndarray]) -> "SecureSum":
         raw = json.loads(text)
-        return cls({n: tuple(s) for n, s in raw["shapes"].items()},
-                   {n: float(v) for n, v in raw["scales"].items()}, set(raw["triangular"]))
+        shapes = {n: tuple(s) for n, s in raw["shapes"].items()}
+        missing = sorted(n for n in shapes if f"{SCALE_PREFIX}{n}" not in arrays)
+        if missing:
+            raise ValueError(f"SecureSum: no scale vector for {missing[:3]}")
+        return cls(shapes, {n: arrays[f"{SCALE_PREFIX}{n}"] for n in shapes},
+                   set(raw["triangular"]))
 
     def encode(self, arrays: Mapping[str, np.ndarray], examples: int
                ) -> tuple[list[np.ndarray], int]:
@@ -74,9 +102,9 @@ class SecureSum:
             if a.shape != tuple(self.shapes[name]):
                 raise ValueError(f"SecureSum: {name!r} has shape {a.shape}, expected "
                                  f"{tuple(self.shapes[name])}")
+            a = a / (examples * self.scale(name))
             if name in self.triangular:
                 a = a[np.triu_indices(a.shape[0])]
-            a = a / (examples * self.scales[name])
             clipped += int((np.abs(a) > 1).sum())
             vector.append(a)
         return vector, clipped
@@ -87,18 +115,18 @@ class SecureSum:
             raise ValueError(f"SecureSum: {len(vector)} arrays, expected {len(self.shapes)}")
         out = {}
         for name, a in zip(self.names, vector):
-            a = np.asarray(a, dtype=np.float64) * (self.scales[name] * total_examples)
+            a = np.asarray(a, dtype=np.float64)
             if name in self.triangular:
                 n = self.shapes[name][0]
                 full = np.zeros((n, n))
                 full[np.triu_indices(n)] = a
                 a = full + np.triu(full, 1).T
-            out[name] = a.reshape(self.shapes[name])
+            out[name] = a.reshape(self.shapes[name]) * (self.scale(name) * total_examples)
         return out
 
-    def bound(self, name: str, total_examples: int, quant_bits: int) -> float:
-        """The largest quantization error of one entry of ``name``'s sum (no clipping)."""
-        return 2.0 * self.scales[name] * total_examples / 2 ** quant_bits
+    def bound(self, name: str, total_examples: int, quant_bits: int) -> np.ndarray:
+        """The largest quantization error of each entry of ``name``'s sum (no clipping)."""
+        return 2.0 * self.scale(name) * total_examples / 2 ** quant_bits
 
     def entries(self) -> int:
         """Numbers in one client's vector (what SecAgg+ masks and sends up)."""

@@ -83,17 +83,20 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def print_oneshot_summary(summary: dict, run_dir: Path) -> None:
-    """The table of a one-shot (federated LLM) run: perplexity per source before and
-    after, sparsity, bytes, time."""
+    """The table of a one-shot run: perplexity per source (or a CNN's test accuracy) before
+    and after, sparsity, bytes, time."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"fedprune {summary['method']} summary ({run_dir})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for source, dense in summary["perplexity_dense"].items():
-        table.add_row(f"perplexity {source} (dense -> pruned)",
-                      f"{dense:.2f} -> {summary['perplexity_pruned'][source]:.2f}")
+    metric = summary.get("metric", "perplexity")
+    for source, dense in summary[f"{metric}_dense"].items():
+        after = summary[f"{metric}_pruned"][source]
+        table.add_row(f"{metric} {source} (dense -> pruned)",
+                      f"{dense:.2f} -> {after:.2f}" if metric == "perplexity"
+                      else f"{100 * dense:.2f}% -> {100 * after:.2f}%")
     table.add_row("sparsity (pruned layers)", f"{summary['sparsity']:.4f}")
     table.add_row("bytes per client (down + up)", f"{summary['bytes_per_client'] / 1e6:.2f} MB")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")

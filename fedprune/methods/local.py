@@ -34,7 +34,7 @@ from ..masks.select import select_target
 from ..prune.base import SparsityTarget
 from ..prune.consensus import l0_average, mask_vote
 from .base import ClientMethod, Query, register_method
-from .pooled import LMMethod, LMMethodConfig, _dense, _pruner
+from .pooled import LMMethod, LMMethodConfig, _pruner
 
 
 @dataclass
@@ -96,19 +96,18 @@ class LocalPruneClient(ClientMethod):
             return super().answer(kind, partition_id, payload, config)
         import copy
 
-        from ..lm.clients import partition_text
+        from ..fl.oneshot import client_batches, examples, load_dense
         from ..prune.adapters import adapter_for
         from ..prune.pipeline import prune_model
         from ..train import select_device
 
         cfg = self.cfg
-        dense, tokenizer = _dense(cfg.method.model, cfg.data.cache_dir)
-        windows = partition_text(cfg.text, cfg.data.num_clients, tokenizer, cfg.data.root,
-                                 cfg.data.cache_dir)[partition_id].windows
+        dense, tokenizer = load_dense(cfg)
+        batches = client_batches(cfg, partition_id, tokenizer)
         model = copy.deepcopy(dense)
         blocks = client_blocks(cfg, len(adapter_for(model).blocks(model)), partition_id)
         report = prune_model(model, _pruner(cfg.method), cfg.method.target(),
-                             list(windows.split(1)), select_device(cfg.run.device),
+                             batches, select_device(cfg.run.device),
                              sequential=True, progress=False, only=set(blocks))
         modules = dict(model.named_modules())
         masks = {n: m.numpy() for n, m in report.masks.items()}
@@ -117,7 +116,7 @@ class LocalPruneClient(ClientMethod):
         else:
             weights = {n: modules[n].weight.detach().float().cpu().numpy() for n in masks}
             arrays = wire.encode_down(weights, masks)
-        return arrays, {"num-examples": len(windows), "blocks": len(blocks)}
+        return arrays, {"num-examples": examples(batches), "blocks": len(blocks)}
 
 
 class _Local(LMMethod):

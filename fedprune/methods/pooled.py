@@ -24,7 +24,6 @@ is loaded once per process. A client that drops out leaves the blocks after it t
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import uuid
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, MethodConfig, check_value
+from ..fl.oneshot import probe_inputs, rows_per_example
 from ..fl.replies import Metric, ReplyError, ReplySpec, Tensor, tensors
 from ..masks import wire
 from ..prune.base import LayerStats, SparsityTarget
@@ -42,14 +42,21 @@ from .base import ClientMethod, Method, Query, register_method
 
 @dataclass
 class LMMethodConfig(MethodConfig):
-    """What every federated one-shot LLM method shares: the model, the pruner, the target."""
+    """What every federated one-shot method shares: the model (a causal LM, or ``cnn``:
+    see ``fedprune.fl.oneshot``), the pruner, the target."""
 
     name: str = ""
-    model: str = "smollm2-135m"  # alias, .gguf, folder or hub id (fedprune.lm.loading)
+    model: str = "smollm2-135m"  # alias, .gguf, folder or hub id (fedprune.lm.loading), or cnn
     pruner: str = "wanda"  # magnitude | wanda | sparsegpt | admm
     sparsity: float = 0.5
     pattern: str = ""  # N:M, e.g. 2:4 (then sparsity = N/M)
+    # model=cnn: the trained weights (safetensors; "" = the reference CNN trained for
+    # reference_epochs), and the images of its own partition each client calibrates on
+    weights: str = ""
+    reference_epochs: int = 3
+    calib_images: int = 128
     one_shot = True
+    paths = ("weights",)
     maybe_paths = ("model",)  # a model folder relative to where the command runs, or an alias
 
     def __post_init__(self) -> None:
@@ -61,6 +68,13 @@ class LMMethodConfig(MethodConfig):
                               f"{pruner_names()}")
         check_value("method.sparsity", 0 <= self.sparsity < 1, "must be in [0, 1)",
                     self.sparsity)
+        check_value("method.calib_images", self.calib_images >= 1, "must be >= 1",
+                    self.calib_images)
+        check_value("method.reference_epochs", self.reference_epochs >= 1, "must be >= 1",
+                    self.reference_epochs)
+        if self.weights and self.model != "cnn":
+            raise ConfigError(f"method.weights={self.weights!r} is for method.model=cnn; "
+                              f"a language model's weights come with method.model")
         try:
             self.target()
         except ValueError as err:
@@ -95,17 +109,21 @@ def encode_stats(stats: dict[str, LayerStats]) -> dict[str, np.ndarray]:
     for name, s in stats.items():
         out[f"sq/{name}"] = s.sq_norm.cpu().numpy()
         out[f"rows/{name}"] = np.array(s.rows, dtype=np.int64)
-        if s.gram is not None:
-            out[f"gram/{name}"] = s.gram.cpu().numpy()
+        if s.gram is not None:  # X^T X by BLAS can differ from its transpose in the last
+            out[f"gram/{name}"] = ((s.gram + s.gram.T) / 2).cpu().numpy()  # bit: symmetrize
     return out
 
 
-def _stats_spec(widths: dict[str, int], gram: bool, tokens_per_example: int) -> ReplySpec:
+def _stats_spec(widths: dict[str, int], gram: bool, rows_per_example: dict[str, int],
+                phase: str | None = None) -> ReplySpec:
     """A block's statistics: finite non-negative squared norms, finite symmetric Grams,
-    row counts equal to the client's windows x tokens per window, for exactly this block."""
+    row counts equal to the client's examples x the rows each adds to the layer (a
+    window's tokens; an image's output positions), for exactly this block's layers.
+    ``phase="gram"``: the Grams alone (their diagonals are the squared norms)."""
     specs = {}
     for name, width in widths.items():
-        specs[f"sq/{name}"] = Tensor((width,), "float", low=0.0)
+        if phase != "gram":
+            specs[f"sq/{name}"] = Tensor((width,), "float", low=0.0)
         specs[f"rows/{name}"] = Tensor((), "int", low=1)
         if gram:
             specs[f"gram/{name}"] = Tensor((width, width), "float", symmetric=True)
@@ -113,57 +131,71 @@ def _stats_spec(widths: dict[str, int], gram: bool, tokens_per_example: int) -> 
 
     def decode(arrays, client, record):
         got = check(arrays, client, record)
-        return {n: LayerStats(torch.from_numpy(got[f"sq/{n}"]).double(),
-                              torch.from_numpy(got[f"gram/{n}"]).double() if gram else None,
-                              int(got[f"rows/{n}"])) for n in widths}
+        out = {}
+        for n in widths:
+            g = torch.from_numpy(got[f"gram/{n}"]).double() if gram else None
+            sq = torch.diagonal(g).clone() if phase == "gram" else \
+                torch.from_numpy(got[f"sq/{n}"]).double()
+            out[n] = LayerStats(sq, g, int(got[f"rows/{n}"]))
+        return out
 
     def rows_match(reply) -> None:
-        expected = reply.examples * tokens_per_example
         for name, s in reply.records["arrays"].items():
-            if s.rows != expected:
+            if s.rows != reply.examples * rows_per_example[name]:
                 raise ReplyError(reply.client, f"arrays/rows/{name}", f"{s.rows} rows, but "
-                                 f"{reply.examples} windows x {tokens_per_example} tokens")
+                                 f"{reply.examples} examples x {rows_per_example[name]} rows")
     return ReplySpec(records={"arrays": decode}, checks=[rows_match])
 
 
 # ----------------------------------------------------------------------------- client
 
 
-@functools.lru_cache(maxsize=2)
-def _dense(model_name: str, cache_dir: str):
-    """The dense model and tokenizer, once per worker process (read-only)."""
-    from ..lm.loading import load_causal_lm
-
-    return load_causal_lm(model_name, cache_dir=cache_dir)
-
-
 class PooledClient(ClientMethod):
+    """A client's side of ``pooled``. Under secure aggregation a method that needs Gram
+    matrices answers each block in two phases (``phase``: ``sq``, then ``gram``): the
+    squared norms first (they fix the Grams' fixed-point scales), then the Grams of the
+    statistics it kept from the first phase."""
+
     def answer(self, kind, partition_id, payload, config=None):
+        config = config or {}
         if kind == "pooled-all":
-            return self._all(partition_id)
+            return self._all(partition_id, config.get("phase"))
         if kind != "pooled-block":
             return super().answer(kind, partition_id, payload, config)
-        from ..data.cache import atomic_write, resolve_cache_dir
-        from ..lm.clients import partition_text
+        from ..fl.oneshot import client_batches, examples, load_dense
+
+        cfg, phase = self.cfg, config.get("phase")
+        index, token = int(config["block"]), str(config["run-token"])
+        model, tokenizer = load_dense(cfg)
+        batches = client_batches(cfg, partition_id, tokenizer)
+        state = _state_file(cfg, token, partition_id)
+        if phase == "gram":
+            saved = torch.load(state, weights_only=False) if state.is_file() else None
+            if saved is None or saved["block"] != index or saved.get("stats") is None:
+                raise ValueError(f"partition {partition_id} has no statistics of block "
+                                 f"{index} from its first phase: it sits this one out")
+            stats = saved["stats"]
+            self._keep(state, index, saved["inputs"], None, model)
+        else:
+            inputs, stats = self._step(model, batches, payload, config, index, state,
+                                       partition_id)
+            self._keep(state, index, inputs, stats if phase == "sq" else None, model)
+        return _only(encode_stats(stats), phase), {"num-examples": examples(batches),
+                                                   "block": index}
+
+    def _step(self, model, batches, payload, config, index, state, partition_id):
+        """This client's inputs to block ``index`` and the block's statistics on them."""
         from ..prune.adapters import adapter_for
         from ..prune.pooled import client_step, replay_inputs
         from ..train import select_device
 
-        cfg, config = self.cfg, config or {}
-        index, token = int(config["block"]), str(config["run-token"])
-        model, tokenizer = _dense(cfg.method.model, cfg.data.cache_dir)
-        adapter = adapter_for(model)
-        windows = partition_text(cfg.text, cfg.data.num_clients, tokenizer, cfg.data.root,
-                                 cfg.data.cache_dir)[partition_id].windows
-        state = resolve_cache_dir(cfg.data.cache_dir) / "fedprune-pooled" / token / \
-            f"client-{partition_id}.pt"
+        adapter, device = adapter_for(model), select_device(self.cfg.run.device)
         inputs, update = None, None
-        device = select_device(cfg.run.device)
         replay = config.get("replay")  # a resumed run: blocks 0..replay-1 to redo
         if index > 0 and replay is not None and int(replay) == index - 1:
             updates = [decode_update(adapter, model, j, _prefixed(payload, f"replay/{j}/"))
                        for j in range(int(replay))]
-            inputs = replay_inputs(adapter, model, list(windows.split(1)), updates, device)
+            inputs = replay_inputs(adapter, model, batches, updates, device)
             update = decode_update(adapter, model, index - 1, _unprefixed(payload))
         elif index > 0:
             saved = torch.load(state, weights_only=False) if state.is_file() else None
@@ -172,30 +204,52 @@ class PooledClient(ClientMethod):
                                  f"{index - 1} (it missed a block): it sits this one out")
             inputs = saved["inputs"]
             update = decode_update(adapter, model, index - 1, payload)
-        inputs, stats = client_step(adapter, model, list(windows.split(1)), inputs, index,
-                                    update, set(_pruner(cfg.method).needs), device)
-        if index < len(adapter.blocks(model)) - 1:
-            buffer = io.BytesIO()
-            torch.save({"block": index, "inputs": inputs}, buffer)
-            atomic_write(state, lambda f: f.write(buffer.getvalue()))
-        else:  # the last block: nothing follows, the cached inputs go
+        return client_step(adapter, model, batches, inputs, index, update,
+                           set(_pruner(self.cfg.method).needs), device)
+
+    @staticmethod
+    def _keep(state, index: int, inputs, stats, model) -> None:
+        """Keep the inputs of the next block (and a first phase's statistics) in the
+        node's cache folder; after the last block's last phase, nothing."""
+        from ..data.cache import atomic_write
+        from ..prune.adapters import adapter_for
+
+        if stats is None and index == len(adapter_for(model).blocks(model)) - 1:
             state.unlink(missing_ok=True)
-        return encode_stats(stats), {"num-examples": len(windows), "block": index}
+            return
+        buffer = io.BytesIO()
+        torch.save({"block": index, "inputs": inputs, "stats": stats}, buffer)
+        atomic_write(state, lambda f: f.write(buffer.getvalue()))
 
-
-    def _all(self, partition_id: int):
-        """One pass: every layer's statistics on the dense model, blocks fed dense outputs."""
-        from ..lm.clients import partition_text
+    def _all(self, partition_id: int, phase: str | None):
+        """One pass: every layer's statistics on the dense model, blocks fed dense outputs
+        (recomputed in a second phase: they are the same)."""
+        from ..fl.oneshot import client_batches, examples, load_dense
         from ..prune.pipeline import collect_model_stats
         from ..train import select_device
 
         cfg = self.cfg
-        model, tokenizer = _dense(cfg.method.model, cfg.data.cache_dir)
-        windows = partition_text(cfg.text, cfg.data.num_clients, tokenizer, cfg.data.root,
-                                 cfg.data.cache_dir)[partition_id].windows
-        stats = collect_model_stats(model, None, list(windows.split(1)),
-                                    set(_pruner(cfg.method).needs), select_device(cfg.run.device))
-        return encode_stats(stats), {"num-examples": len(windows)}
+        model, tokenizer = load_dense(cfg)
+        batches = client_batches(cfg, partition_id, tokenizer)
+        stats = collect_model_stats(model, None, batches, set(_pruner(cfg.method).needs),
+                                    select_device(cfg.run.device))
+        return _only(encode_stats(stats), phase), {"num-examples": examples(batches)}
+
+
+def _state_file(cfg, token: str, partition_id: int):
+    from ..data.cache import resolve_cache_dir
+
+    return resolve_cache_dir(cfg.data.cache_dir) / "fedprune-pooled" / token / \
+        f"client-{partition_id}.pt"
+
+
+def _only(arrays: dict[str, np.ndarray], phase: str | None) -> dict[str, np.ndarray]:
+    """A phase's part of the statistics: all of them, the squared norms and row counts,
+    or the Grams and row counts."""
+    if phase is None:
+        return arrays
+    keep = ("sq/", "rows/") if phase == "sq" else ("gram/", "rows/")
+    return {k: v for k, v in arrays.items() if k.startswith(keep)}
 
 
 def _prefixed(payload: dict, prefix: str) -> dict:
@@ -246,13 +300,14 @@ def decode_update(adapter, model, index: int, payload: dict) -> dict[str, torch.
 
 
 class LMMethod(Method):
-    """A federated one-shot method on a causal LM (the server core is ``LMCore``)."""
+    """A federated one-shot method on a causal LM or a CNN (its server core:
+    ``OneShotCore``)."""
 
     @classmethod
     def make_core(cls, cfg):
-        from ..fl.lm_core import LMCore
+        from ..fl.oneshot_core import OneShotCore
 
-        return LMCore(cfg)
+        return OneShotCore(cfg)
 
 
 def _block_file(folder, index: int):
@@ -313,6 +368,7 @@ class Pooled(_Checkpoints, LMMethod):
         payload: dict[str, np.ndarray] = {}
         contributors = []
         probe = _Probe(server, self.cfg) if self.cfg.secagg.enabled else None
+        rows = rows_per_example(self.cfg, core.model)
         update, config = None, {}
         done = self._restore(server, contributors) if self.resume else []
         if done:  # the clients redo the finished blocks from the saved updates
@@ -328,25 +384,51 @@ class Pooled(_Checkpoints, LMMethod):
                 continue
             modules = core.adapter.prunable(block)
             widths = {n: core.adapter.get_matrix(m).shape[1] for n, m in modules.items()}
-            gram = "gram" in pruner.needs
-            spec = _stats_spec(widths, gram, self.cfg.text.length)
-            spec.metrics["block"] = Metric("int", low=index, high=index)
-            query = Query("pooled-block", payload, spec,
-                          {"block": index, "run-token": token, **config})
+            stats, who = yield from self._gather(
+                "pooled-block", payload, widths, rows,
+                {"block": index, "run-token": token, **config},
+                {"block": Metric("int", low=index, high=index)},
+                (lambda i=index, u=update: probe.stats(i, u)) if probe else None)
             config = {}
-            if probe is not None:
-                query.secure = probe.layout(index, update, widths, gram)
-                query.counts = {f"rows/{n}": self.cfg.text.length for n in widths}
-            replies = yield query
-            contributors.append([p for r in replies
-                                 for p in r.metrics.get("contributors", [r.partition])])
+            contributors.append(who)
             dense = {n: m.weight.detach().cpu().clone() for n, m in modules.items()}
-            update = server.prune_block(index, [r.records["arrays"] for r in replies])
+            update = server.prune_block(index, stats)
             payload = encode_update(update, {n: server.masks[n] for n in update}, dense)
             self._save(index, payload, contributors[-1])
         return {"method": self.name, "pruner": options.pruner, "target": options.target().pattern
                 or f"{options.sparsity:g}", "blocks": len(server.blocks),
                 "contributors": contributors}
+
+    def _gather(self, kind, payload, widths, rows, config, metrics, probe_stats):
+        """The statistics of ``widths``' layers from the clients: [per-client dicts] and
+        the contributing partitions. Under secure aggregation: one sum, in two phases
+        when the pruner needs Grams (squared norms, whose sum then scales the Grams)."""
+        gram = "gram" in _pruner(self.options).needs
+        secure = self.cfg.secagg.enabled
+        phase = "sq" if secure and gram else None
+        query = Query(kind, payload, _stats_spec(widths, gram and not secure, rows, phase),
+                      {**config, **({"phase": phase} if phase else {})})
+        query.spec.metrics.update(metrics)
+        if secure:
+            query.secure = _sq_layout(probe_stats(), widths, self.cfg.secagg.probe,
+                                      self.cfg.secagg.headroom)
+            query.counts = {f"rows/{n}": rows[n] for n in widths}
+        replies = yield query
+        if phase is None:
+            return [r.records["arrays"] for r in replies], _partitions(replies)
+        first = replies[0]  # the secure sum
+        sizes = self.core.client_sizes()
+        ratio = first.examples / min(sizes[p] for p in first.metrics["contributors"])
+        slack = {n: query.secure.bound(f"sq/{n}", first.examples, self.cfg.secagg.quant_bits)
+                 for n in widths}  # how far the first phase's rounding may be below the sum
+        config = {k: v for k, v in config.items() if k != "replay"}
+        query = Query(kind, {}, _stats_spec(widths, True, rows, "gram"),
+                      {**config, "phase": "gram"})
+        query.spec.metrics.update(metrics)
+        query.secure = _gram_layout(first.records["arrays"], slack, first.examples, ratio)
+        query.counts = {f"rows/{n}": rows[n] for n in widths}
+        replies = yield query
+        return [r.records["arrays"] for r in replies], _partitions(replies)
 
     def _one_pass(self, pruner):
         """Every layer's statistics from the dense model in one round, then every block
@@ -354,50 +436,73 @@ class Pooled(_Checkpoints, LMMethod):
         from ..prune.pipeline import collect_model_stats, prune_model
         from ..prune.pooled import sum_stats
 
-        core, options = self.core, self.options
+        core, options, cfg = self.core, self.options, self.cfg
         modules = {n: m for b in core.adapter.blocks(core.model)
                    for n, m in core.adapter.prunable(b).items()}
         widths = {n: core.adapter.get_matrix(m).shape[1] for n, m in modules.items()}
-        gram = "gram" in pruner.needs
-        query = Query("pooled-all", {}, _stats_spec(widths, gram, self.cfg.text.length))
-        if self.cfg.secagg.enabled:
-            windows = _Probe.windows_of(core.model, self.cfg)
-            stats = collect_model_stats(core.model, core.adapter, windows, set(pruner.needs))
-            query.secure = _Probe.scales(stats, widths, gram, len(windows),
-                                         self.cfg.secagg.headroom)
-            query.counts = {f"rows/{n}": self.cfg.text.length for n in widths}
-        replies = yield query
-        pooled = {n: sum_stats([r.records["arrays"][n] for r in replies]) for n in widths}
+
+        def probe_stats():
+            probe = probe_inputs(cfg, core.model, cfg.secagg.probe)
+            return collect_model_stats(core.model, core.adapter, probe, set(pruner.needs))
+        stats, who = yield from self._gather("pooled-all", {}, widths,
+                                             rows_per_example(cfg, core.model), {}, {},
+                                             probe_stats)
+        pooled = {n: sum_stats([s[n] for s in stats]) for n in widths}
         prune_model(core.model, pruner, options.target(), device=core.device,
                     sequential=False, progress=False, stats_override=pooled)
-        contributors = [p for r in replies for p in r.metrics.get("contributors", [r.partition])]
         return {"method": self.name, "pruner": options.pruner, "one_pass": True,
                 "target": options.target().pattern or f"{options.sparsity:g}",
-                "contributors": [contributors]}
+                "contributors": [who]}
+
+
+def _partitions(replies) -> list[int]:
+    """Who contributed: each reply's partition, or a secure sum's contributors."""
+    return [p for r in replies for p in r.metrics.get("contributors", [r.partition])]
+
+
+def _sq_layout(stats, widths: dict[str, int], windows: int, headroom: float):
+    """Squared norms under secure aggregation: one scale per layer, ``headroom`` times the
+    largest per-window squared norm of the probe's (a layer's channels differ by orders
+    of magnitude, and text moves a channel further from random tokens than a layer)."""
+    from ..fl.secure import SecureSum
+
+    shapes, scales = {}, {}
+    for name in widths:
+        d = stats[name].sq_norm.double().cpu().numpy() / windows
+        top = float(d.max()) if d.size and d.max() > 0 else 1.0
+        shapes[f"sq/{name}"], scales[f"sq/{name}"] = d.shape, np.full(d.shape, headroom * top)
+    return SecureSum(shapes, scales)
+
+
+def _gram_layout(sums, slack: dict[str, np.ndarray], total: int, ratio: float):
+    """Grams under secure aggregation, scaled entry by entry from the summed squared norms
+    of the first phase, raised by that phase's rounding bound (``slack``) so that D is at
+    least the true sum: ``u_j = sqrt(2 * ratio * D_j / total)``. A client's per-example
+    Gram entry is at most ``sqrt(G_jj G_kk) / n <= ratio * sqrt(D_j D_k) / total`` (its
+    diagonal is part of the sum; ``ratio`` = total examples / the fewest any contributor
+    holds), so nothing is clipped, with a factor 2 to spare."""
+    from ..fl.secure import SecureSum
+
+    shapes, scales = {}, {}
+    for name, bound in slack.items():
+        d = np.maximum(sums[name].sq_norm.double().cpu().numpy(), 0.0) + bound
+        key = f"gram/{name}"
+        shapes[key], scales[key] = (d.size, d.size), np.sqrt(2 * ratio * d / total)
+    return SecureSum(shapes, scales, set(shapes))
 
 
 class _Probe:
-    """The public fixed-point scales of a secure block: the server's own statistics of
-    ``secagg.probe`` windows of uniformly random tokens (no client text), propagated
-    through its current model (the blocks pruned so far) by the clients' own code, per
-    window, times ``secagg.headroom``. Text moves activations less than that headroom in
-    the layers measured so far; a client counts what it still clips (see the report)."""
+    """The public fixed-point scale of a secure block's squared norms: the server's own
+    statistics of ``secagg.probe`` random inputs (tokens or images; no client data),
+    propagated through its current model (the blocks pruned so far) by the clients' own
+    code. A client counts what it still clips (see the report)."""
 
     def __init__(self, server, cfg) -> None:
         from ..prune.pooled import PooledClient
 
-        self.client = PooledClient(server.model, self.windows_of(server.model, cfg),
+        self.client = PooledClient(server.model, probe_inputs(cfg, server.model,
+                                                              cfg.secagg.probe),
                                    frozenset(server.pruner.needs), server.device)
-        self.windows, self.headroom = cfg.secagg.probe, cfg.secagg.headroom
-
-    @staticmethod
-    def windows_of(model, cfg) -> list[torch.Tensor]:
-        """``secagg.probe`` windows of uniformly random token ids (seeded), one per batch."""
-        vocab = model.get_input_embeddings().num_embeddings
-        generator = torch.Generator().manual_seed(cfg.run.seed)
-        windows = torch.randint(vocab, (cfg.secagg.probe, cfg.text.length),
-                                generator=generator)
-        return list(windows.split(1))
 
     def skip(self, done: list[dict], adapter, model) -> None:
         """Bring the probe past the blocks a resumed run restored."""
@@ -405,24 +510,5 @@ class _Probe:
             self.client.block_stats(index, decode_update(adapter, model, index - 1, done[
                 index - 1]) if index else None)
 
-    def layout(self, index: int, update, widths: dict[str, int], gram: bool):
-        return self.scales(self.client.block_stats(index, update), widths, gram,
-                           self.windows, self.headroom)
-
-    @staticmethod
-    def scales(stats, widths: dict[str, int], gram: bool, windows: int, headroom: float):
-        """The layout of ``widths``' statistics, each scaled by ``headroom`` times the
-        largest per-window entry of the probe's ``stats``."""
-        from ..fl.secure import SecureSum
-
-        shapes, scales, triangular = {}, {}, set()
-        for name in widths:
-            s = stats[name]
-            parts = [(f"sq/{name}", s.sq_norm)] + ([(f"gram/{name}", s.gram)] if gram else [])
-            for key, value in parts:
-                top = float(value.abs().max()) / windows
-                shapes[key] = tuple(value.shape)
-                scales[key] = headroom * top if top > 0 else 1.0
-            if gram:
-                triangular.add(f"gram/{name}")
-        return SecureSum(shapes, scales, triangular)
+    def stats(self, index: int, update):
+        return self.client.block_stats(index, update)

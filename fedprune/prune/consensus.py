@@ -56,11 +56,19 @@ def mask_vote(masks: Sequence[torch.Tensor], weight: torch.Tensor, target: Spars
               scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, mask) of one layer from the clients' keep-masks and the dense ``weight``."""
     stacked = _check(masks, weight.shape, "mask_vote")
-    votes = stacked.sum(0)  # (out, in) clients keeping each position
+    return vote_select(stacked.sum(0), len(masks), weight, target, scale)
+
+
+@torch.no_grad()
+def vote_select(votes: torch.Tensor, clients: int, weight: torch.Tensor,
+                target: SparsityTarget, scale: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask_vote`` from the vote counts (clients keeping each position) of ``clients``
+    clients, e.g. accumulated one client at a time."""
     mask = select_target(lexicographic(votes, weight), target)
     new = weight.masked_fill(~mask, 0)
     if scale:
-        new = new * (votes.to(weight.dtype) / len(masks))
+        new = new * (votes.to(weight.dtype) / clients)
     return new, mask
 
 
@@ -76,7 +84,13 @@ def l0_average(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
         shapes = [tuple(w.shape) for w in weights]
         raise ValueError(f"l0_average: client weights of shapes {shapes}")
     values = torch.stack([w.double() for w in weights]).masked_fill(~stacked, 0)
-    count = stacked.sum(0)  # (out, in)
-    average = torch.where(count > 0, values.sum(0) / count.clamp(min=1), torch.zeros(()))
+    return l0_select(values.sum(0), stacked.sum(0), target, weights[0].dtype)
+
+
+@torch.no_grad()
+def l0_select(total: torch.Tensor, count: torch.Tensor, target: SparsityTarget,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``l0_average`` from the sum of the kept values (float64) and the keep counts."""
+    average = torch.where(count > 0, total / count.clamp(min=1), torch.zeros((), dtype=total.dtype))
     mask = select_target(lexicographic(count, average), target)
-    return average.masked_fill(~mask, 0).to(weights[0].dtype), mask
+    return average.masked_fill(~mask, 0).to(dtype), mask
