@@ -1,17 +1,20 @@
-"""``pooled``: federated one-shot pruning of a language model from exact pooled statistics.
+"""``pooled``: federated one-shot pruning from exact pooled statistics (an LLM or a CNN).
 
 One query round per block (``fedprune.prune.pooled``): the server sends the previous
 block's pruned weights (packed mask bits + kept values); each client propagates its
-windows through them, collects block b's statistics on its own text (squared input-column
-norms; Gram matrices for SparseGPT/ADMM; row counts) and sends only those sums; the server
-adds them and prunes block b with the same pruner code as ``fedprune prune``. The result
-equals centralized sequential pruning on the union of the clients' windows.
+calibration inputs (text windows, or images of a CNN client) through them, collects block
+b's statistics on its own data (squared input-column norms; Gram matrices for
+SparseGPT/ADMM; row counts) and sends only those sums; the server adds them and prunes
+block b with the same pruner code as ``fedprune prune``. The result equals centralized
+sequential pruning on the union of the clients' data. ``method.one_pass``: every layer's
+statistics from the dense model in one round instead (centralized non-sequential).
 
 What the server sees in the clear: every client's per-layer sums for every block (a Gram
 matrix reveals much about the text behind it), unless ``secagg.enabled``: then the sums go
 through Flower's SecAgg+ (``server/secure.py``) and the server sees only their total over
-the clients, plus each client's window count and how many entries it clipped; Grams then
-travel as their upper triangle, in SecAgg+'s int64 fixed point (8 bytes per entry).
+the clients, plus each client's example count and how many entries it clipped; with
+Grams, each block takes two secure rounds (the squared norms, whose sum sets the Grams'
+per-entry scales, then the Grams as their upper triangle), in SecAgg+'s int64 fixed point.
 What travels (per client per block): down, the previous block's mask (1 bit per weight)
 and, only where the pruner changed them (SparseGPT, ADMM), the kept values (float32); up,
 float64 squared norms (in,) per layer, float64 full Gram matrices (in, in) per layer when
@@ -19,7 +22,9 @@ the method needs them, an int64 row count per layer.
 
 A client keeps its inputs to the next block in its node's cache folder (``fedprune-pooled``
 under the data cache), so a block's message may reach any worker process; the dense model
-is loaded once per process. A client that drops out leaves the blocks after it to the others.
+is loaded once per process. A client that drops out leaves the blocks after it to the
+others. Each finished block's update is kept in the run folder, so an interrupted run
+resumes after its last finished block (the clients replay the finished ones).
 """
 
 from __future__ import annotations
