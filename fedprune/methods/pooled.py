@@ -511,9 +511,10 @@ class _Probe:
 
     def skip(self, done: list[dict], adapter, model) -> None:
         """Bring the probe past the blocks a resumed run restored."""
-        for index, payload in enumerate(done):
-            self.client.block_stats(index, decode_update(adapter, model, index - 1, done[
-                index - 1]) if index else None)
+        update = None
+        for index in range(len(done)):
+            self.client.block_stats(index, update)
+            update = decode_update(adapter, model, index, done[index])
 
     def stats(self, index: int, update):
         return self.client.block_stats(index, update)
