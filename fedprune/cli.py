@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="method option, e.g. --opt blocksize=64 (repeatable)")
     pr.add_argument("--sequential", default="auto", choices=["auto", "yes", "no"],
                     help="calibrate each block on the pruned model's outputs (yes) or on the "
-                         "dense model's (no); auto: yes for SparseGPT/ADMM, no for "
-                         "magnitude/Wanda (one forward pass)")
+                         "dense model's (no: one forward pass); auto: yes for every method "
+                         "that reads calibration statistics, as the references do")
     pr.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
     pr.add_argument("--no-save", action="store_true", help="do not save the pruned model")
     pr.add_argument("--resume", action="store_true",

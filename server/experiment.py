@@ -143,12 +143,13 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
         # a secure sum is one reply naming its contributors
         parts = [p for r in replies for p in r.metrics.get("contributors", [r.partition])]
         clipped = sum(int(r.metrics.get("clipped", 0)) for r in replies)
+        peak = max((float(r.metrics.get("peak-rss-mb", 0.0)) for r in replies), default=0.0)
         row = {"round": total["n"], "query": query.kind, **query.config,
                "clients": len(parts), "rejected": meter["rejected"], "partitions": parts,
                "secure": query.secure is not None, "clipped": clipped,
                "bytes_down": meter["bytes_down"], "bytes_up": meter["bytes_up"],
                "bytes_total": meter["bytes_down"] + meter["bytes_up"],
-               "wall_seconds": meter["seconds"]}
+               "wall_seconds": meter["seconds"], "client_peak_rss_mb": peak}
         row.pop("run-token", None)
         phase = f" ({query.config['phase']})" if "phase" in query.config else ""
         row["line"] = (f"[fedprune] {query.kind} {row.get('block', total['n'] - 1)}{phase}  "
@@ -180,6 +181,9 @@ def run_oneshot(grid: Grid, cfg: ExperimentConfig, run_dir: Path, method_cls,
         "bytes_down": sum(r["bytes_down"] for r in rows),
         "bytes_up": sum(r["bytes_up"] for r in rows),
         "bytes_per_client": sum(r["bytes_total"] for r in rows) / cfg.data.num_clients,
+        # the largest peak resident memory any answering client process reported
+        "client_peak_rss_mb": max((r.get("client_peak_rss_mb", 0.0) for r in rows),
+                                  default=0.0),
         "phases": phases, "wall_seconds": time.time() - t0,
         "config": to_flat_dict(cfg),
     }

@@ -46,7 +46,8 @@ def base_spec(cfg: ExperimentConfig, sizes: list[int] | None = None) -> ReplySpe
                              f"{sizes[reply.partition]} examples")
     n = cfg.data.num_clients
     return ReplySpec(metrics={"partition-id": Metric("int", low=0, high=n - 1),
-                              "num-examples": examples(cfg.fed.max_examples)},
+                              "num-examples": examples(cfg.fed.max_examples),
+                              "peak-rss-mb": Metric("float", low=0.0, required=False)},
                      checks=[within_partition])
 
 

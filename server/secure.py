@@ -85,6 +85,8 @@ def secure_ask(grid: Grid, cfg: ExperimentConfig, query, spec: ReplySpec, meter:
                          f"the server cannot tell which client caused it)") from None
     reply.metrics["contributors"] = sorted(m["partition-id"] for m in accepted.values())
     reply.metrics["clipped"] = sum(int(m.get("secagg-clipped", 0)) for m in accepted.values())
+    reply.metrics["peak-rss-mb"] = max((float(m.get("peak-rss-mb", 0.0))
+                                        for m in accepted.values()), default=0.0)
     log(INFO, "query %s: secure sum of %d clients (%d entries clipped)", query.kind,
         len(accepted), reply.metrics["clipped"])
     return reply

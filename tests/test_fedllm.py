@@ -49,6 +49,10 @@ def test_pooled_on_flower_equals_centralized_pruning_on_the_union(pruner, tmp_pa
     assert summary["sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert set(summary["perplexity_pruned"]) == {"ptb", "wikitext2", "shakespeare"}
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    # the client processes' peak memory: at least a loaded torch + transformers (> 100 MB),
+    # far below this machine's memory (a wrong unit would be 1024x off either way)
+    assert all(100 < r["client_peak_rss_mb"] < 16_000 for r in rows)
+    assert summary["client_peak_rss_mb"] == max(r["client_peak_rss_mb"] for r in rows)
     saved = AutoModelForCausalLM.from_pretrained(run / "model")  # plain transformers
     assert (run / "partition_text.csv").exists()
 
@@ -112,8 +116,10 @@ def _run_pooled(tmp_path, overrides, tamper, unreachable=lambda block, pid: Fals
     ("wanda", "wrong_dtype", "dtype"),
     ("wanda", "rows", "rows"),
     ("wanda", "other_block", "metrics.block"),
-    ("sparsegpt", "asymmetric_gram", "not symmetric"),
+    ("sparsegpt", "gram_diagonal", "squared norm"),
     ("sparsegpt", "inf_gram", "non-finite"),
+    ("sparsegpt", "gram_alias_forward", "gram-as"),
+    ("sparsegpt", "gram_alias_missing", "exactly one of"),
 ])
 def test_bad_statistics_are_rejected_and_the_block_goes_on(pruner, spoil, field, tmp_path,
                                                           data_root, caplog):
@@ -138,12 +144,17 @@ def test_bad_statistics_are_rejected_and_the_block_goes_on(pruner, spoil, field,
             arrays[key] = np.array(int(arrays[key]) + 1, np.int64)
         elif spoil == "other_block":
             metrics["block"] = block + 1
-        elif spoil == "asymmetric_gram":
+        elif spoil == "gram_diagonal":  # a triangle's first entry is G[0, 0]
             arrays[gram] = arrays[gram].copy()
-            arrays[gram][0, 1] += 1.0
+            arrays[gram][0] += 1.0 + abs(arrays[gram][0])
         elif spoil == "inf_gram":
             arrays[gram] = arrays[gram].copy()
-            arrays[gram][1, 1] = np.inf
+            arrays[gram][1] = np.inf
+        elif spoil == "gram_alias_forward":  # k refers to itself instead of q
+            alias = next(k for k in arrays if k.startswith("gram-as/"))
+            arrays[alias] = np.array(len(arrays), np.int64)
+        elif spoil == "gram_alias_missing":  # neither a triangle nor a reference
+            del arrays[next(k for k in arrays if k.startswith("gram-as/"))]
     with caplog.at_level(logging.WARNING):
         core, record = _run_pooled(tmp_path, [f"method.pruner={pruner}"], tamper)
     assert record["contributors"] == [[0, 1, 2], [0, 1, 2]]  # partition 3 never counted

@@ -123,3 +123,36 @@ def test_pooled_equals_centralized_on_a_real_smollm2_block():
     assert len(block0) == 7 and all(n.startswith("model.layers.0.") for n in block0)
     for name in block0:
         assert torch.equal(server.masks[name], report.masks[name]), name
+
+
+def test_compact_statistics_send_each_distinct_gram_once_as_a_triangle():
+    """q and k read one input: k's Gram goes as a reference to q's; every Gram as its
+    upper triangle. The server decodes the same symmetric matrices, and a reply that
+    refers to a Gram of another width is rejected."""
+    import numpy as np
+
+    from fedprune.fl.replies import ReplyError
+    from fedprune.methods.pooled import _stats_spec, encode_stats
+    from fedprune.prune.base import LayerStats
+
+    x, y = torch.randn(10, 4), torch.randn(10, 3)
+    stats = {}
+    for name, rows in (("q", x), ("k", x), ("o", y)):
+        stats[name] = LayerStats.empty(rows.shape[1], with_gram=True)
+        stats[name].add_batch_(rows)
+    compact = encode_stats(stats, compact=True)
+    assert set(compact) == {"sq/q", "rows/q", "gram/q", "sq/k", "rows/k", "gram-as/k",
+                            "sq/o", "rows/o", "gram/o"}
+    assert compact["gram/q"].shape == (10,) and int(compact["gram-as/k"]) == 0
+    full = encode_stats(stats)
+    assert sum(a.nbytes for a in compact.values()) < 0.6 * sum(a.nbytes for a in full.values())
+    spec = _stats_spec({"q": 4, "k": 4, "o": 3}, True, {"q": 1, "k": 1, "o": 1})
+    decoded = spec.records["arrays"](compact, "client 0", "arrays")
+    for name, s in stats.items():
+        upper = torch.triu(s.gram)
+        assert torch.equal(decoded[name].gram, upper + torch.triu(upper, 1).T)
+        assert torch.equal(decoded[name].sq_norm, s.sq_norm) and decoded[name].rows == 10
+    bad = {**compact, "gram-as/o": np.array(0, np.int64)}
+    del bad["gram/o"]
+    with pytest.raises(ReplyError, match="no Gram of this width"):
+        spec.records["arrays"](bad, "client 0", "arrays")

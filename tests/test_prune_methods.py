@@ -461,3 +461,21 @@ def test_sparsegpt_dead_inputs_get_zero_weights():
     assert result.mask.all()
     assert torch.all(result.weight[:, 2] == 0) and torch.isfinite(result.weight).all()
     assert (result.weight[:, [0, 1, 3]] != 0).all()
+
+
+def test_sparsegpt_reuses_a_factor_only_for_an_equal_gram():
+    """One pruner object prunes q, k, v of a block with one Gram: the second layer reuses
+    the first's Hessian factor; a layer with another Gram (or the same Gram over another
+    row count) gets its own. Each result equals that of a fresh pruner."""
+    x, w0 = correlated_data(rows=160, width=24, out=10, seed=3)
+    x2, w1 = correlated_data(rows=160, width=24, out=10, seed=4)
+    shared = get_pruner("sparsegpt", blocksize=8)
+    target = SparsityTarget(0.5)
+    cases = [(w0, stats_of(x)), (w1, stats_of(x)), (w1, stats_of(x2)),
+             (w1, LayerStats(stats_of(x2).sq_norm, stats_of(x2).gram, 80))]
+    for weight, stats in cases:
+        w = torch.from_numpy(weight).float()
+        got = shared.prune(w, stats, target)
+        fresh = get_pruner("sparsegpt", blocksize=8).prune(w, stats, target)
+        assert torch.equal(got.mask, fresh.mask) and torch.equal(got.weight, fresh.weight)
+    assert shared._last[1] == 80  # the last one was factorized, not reused

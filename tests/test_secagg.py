@@ -183,6 +183,7 @@ def test_secure_pooled_end_to_end_in_a_flower_simulation(tmp_path, data_root):
     rows = _rows(tmp_path / "llm")
     assert [r["block"] for r in rows] == [0, 1]
     assert all(r["secure"] and r["clients"] == 3 and r["clipped"] == 0 for r in rows)
+    assert all(100 < r["client_peak_rss_mb"] < 16_000 for r in rows)  # the largest client's
     assert summary["record"]["contributors"] == [[0, 1, 2], [0, 1, 2]]
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "llm" / "model")
     model, tokenizer = load_causal_lm("tiny-llama")

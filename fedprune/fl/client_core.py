@@ -88,8 +88,19 @@ def client_train(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np
 def client_query(cfg: ExperimentConfig, partition_id: int, kind: str,
                  payload: dict[str, np.ndarray], config: dict | None = None
                  ) -> tuple[dict[str, np.ndarray], dict]:
-    """A query round, answered by the method's client part (``config``: its scalars)."""
-    return client_method(cfg).answer(kind, partition_id, payload, config or {})
+    """A query round, answered by the method's client part (``config``: its scalars),
+    with the answering process's peak resident memory so far (``peak-rss-mb``)."""
+    arrays, metrics = client_method(cfg).answer(kind, partition_id, payload, config or {})
+    return arrays, {**metrics, "peak-rss-mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..masks.wire import from_upper_triangle, upper_triangle
 
 SCALE_PREFIX = "secure-scale/"  # the scale vectors travel beside the query's arrays
 
@@ -104,7 +105,7 @@ class SecureSum:
                                  f"{tuple(self.shapes[name])}")
             a = a / (examples * self.scale(name))
             if name in self.triangular:
-                a = a[np.triu_indices(a.shape[0])]
+                a = upper_triangle(a)
             clipped += int((np.abs(a) > 1).sum())
             vector.append(a)
         return vector, clipped
@@ -117,10 +118,7 @@ class SecureSum:
         for name, a in zip(self.names, vector):
             a = np.asarray(a, dtype=np.float64)
             if name in self.triangular:
-                n = self.shapes[name][0]
-                full = np.zeros((n, n))
-                full[np.triu_indices(n)] = a
-                a = full + np.triu(full, 1).T
+                a = from_upper_triangle(a, self.shapes[name][0])
             out[name] = a.reshape(self.shapes[name]) * (self.scale(name) * total_examples)
         return out
 

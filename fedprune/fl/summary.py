@@ -99,5 +99,7 @@ def print_oneshot_summary(summary: dict, run_dir: Path) -> None:
                       else f"{100 * dense:.2f}% -> {100 * after:.2f}%")
     table.add_row("sparsity (pruned layers)", f"{summary['sparsity']:.4f}")
     table.add_row("bytes per client (down + up)", f"{summary['bytes_per_client'] / 1e6:.2f} MB")
+    if summary.get("client_peak_rss_mb"):
+        table.add_row("peak client memory (RSS)", f"{summary['client_peak_rss_mb']:.0f} MB")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
     Console().print(table)

@@ -67,6 +67,18 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, ...], name: str, client: s
     return np.unpackbits(packed, count=n).astype(np.bool_).reshape(shape)
 
 
+def upper_triangle(matrix: np.ndarray) -> np.ndarray:
+    """A symmetric (n, n) matrix as its upper triangle, row by row: n(n+1)/2 values."""
+    return np.ascontiguousarray(matrix[np.triu_indices(matrix.shape[0])])
+
+
+def from_upper_triangle(values: np.ndarray, n: int) -> np.ndarray:
+    """The symmetric (n, n) matrix whose upper triangle ``values`` are (row by row)."""
+    full = np.zeros((n, n), dtype=values.dtype)
+    full[np.triu_indices(n)] = values
+    return full + np.triu(full, 1).T
+
+
 def check_binary(mask: np.ndarray, name: str, client: str) -> np.ndarray:
     """Bool view of a bool or {0, 1}-integer mask; anything else is a non-binary mask."""
     arr = np.asarray(mask)

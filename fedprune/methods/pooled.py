@@ -17,8 +17,9 @@ Grams, each block takes two secure rounds (the squared norms, whose sum sets the
 per-entry scales, then the Grams as their upper triangle), in SecAgg+'s int64 fixed point.
 What travels (per client per block): down, the previous block's mask (1 bit per weight)
 and, only where the pruner changed them (SparseGPT, ADMM), the kept values (float32); up,
-float64 squared norms (in,) per layer, float64 full Gram matrices (in, in) per layer when
-the method needs them, an int64 row count per layer.
+float64 squared norms (in,) per layer, an int64 row count per layer and, when the method
+needs them, each distinct Gram matrix once as its float64 upper triangle (layers that
+read one input, q/k/v and gate/up, refer to the first one's: ``encode_stats``).
 
 A client keeps its inputs to the next block in its node's cache folder (``fedprune-pooled``
 under the data cache), so a block's message may reach any worker process; the dense model
@@ -39,7 +40,7 @@ import torch
 
 from ..config import ConfigError, MethodConfig, check_value
 from ..fl.oneshot import probe_inputs, rows_per_example
-from ..fl.replies import Metric, ReplyError, ReplySpec, Tensor, tensors
+from ..fl.replies import Metric, ReplyError, ReplySpec, Tensor, check_tensor, tensors
 from ..masks import wire
 from ..prune.base import LayerStats, SparsityTarget
 from .base import ClientMethod, Method, Query, register_method
@@ -109,38 +110,89 @@ def _pruner(options: LMMethodConfig):
 # ----------------------------------------------------------------------------- wire
 
 
-def encode_stats(stats: dict[str, LayerStats]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, s in stats.items():
+def encode_stats(stats: dict[str, LayerStats], compact: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """Statistics for the wire. ``compact`` (plain, not secure, replies): a Gram goes as
+    its upper triangle (``gram/NAME``), and a layer whose Gram equals an earlier layer's of
+    the same reply (q/k/v, gate/up read one input: the engine computed it once) as that
+    layer's position in the reply (``gram-as/NAME``). Otherwise full symmetrized Grams,
+    which secure sums lay out themselves."""
+    out, seen = {}, {}
+    for index, (name, s) in enumerate(stats.items()):
         out[f"sq/{name}"] = s.sq_norm.cpu().numpy()
         out[f"rows/{name}"] = np.array(s.rows, dtype=np.int64)
-        if s.gram is not None:  # X^T X by BLAS can differ from its transpose in the last
-            out[f"gram/{name}"] = ((s.gram + s.gram.T) / 2).cpu().numpy()  # bit: symmetrize
+        if s.gram is None:
+            continue
+        if not compact:  # X^T X by BLAS can differ from its transpose in the last bit
+            out[f"gram/{name}"] = ((s.gram + s.gram.T) / 2).cpu().numpy()
+            continue
+        key = (tuple(s.gram.shape), float(s.gram[0, 0]), float(s.gram.sum()))
+        same = next((j for j, g in seen.get(key, []) if torch.equal(g, s.gram)), None)
+        if same is not None:
+            out[f"gram-as/{name}"] = np.array(same, dtype=np.int64)
+            continue
+        seen.setdefault(key, []).append((index, s.gram))
+        out[f"gram/{name}"] = wire.upper_triangle(s.gram.cpu().numpy())
+    return out
+
+
+def _compact_grams(arrays: dict, widths: dict[str, int], client: str, record: str
+                   ) -> dict[str, np.ndarray]:
+    """The full Grams of a compact reply (see ``encode_stats``); takes their entries out
+    of ``arrays``. Each layer needs exactly one of a triangle of its width or a reference
+    to an earlier layer of the same width that sent its own."""
+    names, out, own = list(widths), {}, set()
+    for index, name in enumerate(names):
+        width = widths[name]
+        tri, alias = arrays.pop(f"gram/{name}", None), arrays.pop(f"gram-as/{name}", None)
+        field = f"{record}/gram/{name}"
+        if (tri is None) == (alias is None):
+            raise ReplyError(client, field, "needs exactly one of gram/ (its upper triangle) "
+                                            "or gram-as/ (an earlier layer's Gram)")
+        if tri is not None:
+            tri = check_tensor(tri, Tensor((width * (width + 1) // 2,), "float"), client,
+                               field)
+            out[name] = wire.from_upper_triangle(np.asarray(tri, np.float64), width)
+            own.add(name)
+            continue
+        alias = check_tensor(alias, Tensor((), "int", low=0, high=index - 1), client,
+                             f"{record}/gram-as/{name}")
+        source = names[int(alias)]
+        if source not in own or widths[source] != width:
+            raise ReplyError(client, f"{record}/gram-as/{name}", f"refers to {source!r}, "
+                             "which sent no Gram of this width")
+        out[name] = out[source].copy()
     return out
 
 
 def _stats_spec(widths: dict[str, int], gram: bool, rows_per_example: dict[str, int],
                 phase: str | None = None) -> ReplySpec:
-    """A block's statistics: finite non-negative squared norms, finite symmetric Grams,
-    row counts equal to the client's examples x the rows each adds to the layer (a
+    """A block's statistics: finite non-negative squared norms, finite symmetric Grams
+    (compact in a plain reply: see ``encode_stats``) whose diagonals are the squared
+    norms, row counts equal to the client's examples x the rows each adds to the layer (a
     window's tokens; an image's output positions), for exactly this block's layers.
     ``phase="gram"``: the Grams alone (their diagonals are the squared norms)."""
+    compact = gram and phase is None
     specs = {}
     for name, width in widths.items():
         if phase != "gram":
             specs[f"sq/{name}"] = Tensor((width,), "float", low=0.0)
         specs[f"rows/{name}"] = Tensor((), "int", low=1)
-        if gram:
+        if gram and not compact:
             specs[f"gram/{name}"] = Tensor((width, width), "float", symmetric=True)
     check = tensors(specs)
 
     def decode(arrays, client, record):
-        got = check(arrays, client, record)
+        arrays = dict(arrays)
+        grams = _compact_grams(arrays, widths, client, record) if compact else {}
+        got = {**check(arrays, client, record), **{f"gram/{n}": g for n, g in grams.items()}}
         out = {}
         for n in widths:
             g = torch.from_numpy(got[f"gram/{n}"]).double() if gram else None
             sq = torch.diagonal(g).clone() if phase == "gram" else \
                 torch.from_numpy(got[f"sq/{n}"]).double()
+            if compact:
+                _diagonal_matches(g, sq, client, f"{record}/gram/{n}")
             out[n] = LayerStats(sq, g, int(got[f"rows/{n}"]))
         return out
 
@@ -150,6 +202,16 @@ def _stats_spec(widths: dict[str, int], gram: bool, rows_per_example: dict[str, 
                 raise ReplyError(reply.client, f"arrays/rows/{name}", f"{s.rows} rows, but "
                                  f"{reply.examples} examples x {rows_per_example[name]} rows")
     return ReplySpec(records={"arrays": decode}, checks=[rows_match])
+
+
+def _diagonal_matches(gram: torch.Tensor, sq: torch.Tensor, client: str, field: str) -> None:
+    """A Gram's diagonal is the squared norms, up to the float32 rounding of one batch's
+    products (``prune.base.batch_terms``); anything else is not X^T X of the same rows."""
+    diag = torch.diagonal(gram)
+    if not torch.allclose(diag, sq, rtol=1e-4, atol=1e-6 * float(sq.abs().max().clamp_min(1))):
+        worst = int((diag - sq).abs().argmax())
+        raise ReplyError(client, field, f"diagonal entry {worst} is {float(diag[worst])!r}, "
+                         f"but the squared norm is {float(sq[worst])!r}")
 
 
 # ----------------------------------------------------------------------------- client
@@ -185,8 +247,8 @@ class PooledClient(ClientMethod):
             inputs, stats = self._step(model, batches, payload, config, index, state,
                                        partition_id)
             self._keep(state, index, inputs, stats if phase == "sq" else None, model)
-        return _only(encode_stats(stats), phase), {"num-examples": examples(batches),
-                                                   "block": index}
+        return _only(encode_stats(stats, compact=phase is None), phase), {
+            "num-examples": examples(batches), "block": index}
 
     def _step(self, model, batches, payload, config, index, state, partition_id):
         """This client's inputs to block ``index`` and the block's statistics on them."""
@@ -238,7 +300,8 @@ class PooledClient(ClientMethod):
         batches = client_batches(cfg, partition_id, tokenizer)
         stats = collect_model_stats(model, None, batches, set(_pruner(cfg.method).needs),
                                     select_device(cfg.run.device))
-        return _only(encode_stats(stats), phase), {"num-examples": examples(batches)}
+        return _only(encode_stats(stats, compact=phase is None), phase), {
+            "num-examples": examples(batches)}
 
 
 def _state_file(cfg, token: str, partition_id: int):

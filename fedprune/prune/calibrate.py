@@ -4,7 +4,9 @@ For one block at a time, a forward hook on each prunable layer hands the layer's
 collector's ``add_batch(inp, out)``, which turns it into rows ``X`` (rows, in) through the
 model-family adapter and adds ``sum_n X[n, j]^2`` (Wanda's ``||X_j||_2^2``) and, when a
 method needs it, ``X^T X`` (SparseGPT's and ADMM's Hessian ``H = 2 X^T X`` up to scale) into
-a float64 ``LayerStats`` (the pattern of Wanda's ``WrappedGPT.add_batch``). Collectors keep
+a float64 ``LayerStats`` (the pattern of Wanda's ``WrappedGPT.add_batch``; one batch's Gram
+is multiplied in float32, see ``batch_terms``). Layers that read the same tensor (q/k/v,
+gate/up) share one batch's sums (``SharedInputs``). Collectors keep
 only these sums: the block's activations are dropped as soon as the forward call returns, so
 what is alive at any time is the current block's inputs, its outputs (when they are being
 propagated) and the statistics of its layers. Because the statistics are plain sums, those
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, Block, BlockInput
-from .base import LayerStats
+from .base import BatchTerms, LayerStats, batch_terms
 
 KNOWN_NEEDS = frozenset({"sq_norm", "gram"})
 
@@ -33,19 +35,50 @@ def check_needs(needs: set[str] | frozenset[str]) -> None:
                          f"collects {sorted(KNOWN_NEEDS)}")
 
 
+class SharedInputs:
+    """One batch's sums computed once for every linear layer that reads the same tensor.
+
+    The query, key and value projections of an attention block read one normalized hidden
+    state, and so do a gated MLP's gate and up projections: their Grams are the same
+    matrix, the engine's largest cost. The last input seen is kept (so its identity cannot
+    be reused by a new tensor) with its version counter (an in-place change invalidates
+    it). Only ``nn.Linear`` layers share: their rows are the input reshaped to ``in``.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, int, int, bool, BatchTerms] | None = None
+
+    def terms(self, adapter: Adapter, module: nn.Module, inp: torch.Tensor, width: int,
+              with_gram: bool, device: torch.device | str) -> BatchTerms:
+        last = self._last
+        if (isinstance(module, nn.Linear) and last is not None and last[0] is inp
+                and last[1:4] == (inp._version, width, with_gram)):
+            return last[4]
+        rows = adapter.layer_rows(module, inp.detach())  # (rows, in)
+        terms = batch_terms(rows, width, with_gram, device)
+        if isinstance(module, nn.Linear):
+            self._last = (inp, inp._version, width, with_gram, terms)
+        return terms
+
+
 class StatsCollector:
     """Accumulates one layer's input rows into its ``LayerStats``; holds nothing else."""
 
-    def __init__(self, adapter: Adapter, module: nn.Module, stats: LayerStats) -> None:
+    def __init__(self, adapter: Adapter, module: nn.Module, stats: LayerStats,
+                 shared: SharedInputs | None = None) -> None:
         self.adapter, self.module, self.stats = adapter, module, stats
+        self.shared = shared or SharedInputs()
 
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
         """Add the layer's input of one forward call (``out`` unused: input statistics)."""
-        self.stats.add_batch_(self.adapter.layer_rows(self.module, inp))  # (rows, in)
+        stats = self.stats
+        stats.add_terms_(self.shared.terms(self.adapter, self.module, inp,
+                                           stats.sq_norm.shape[0], stats.gram is not None,
+                                           stats.sq_norm.device))
 
     def hook(self, _module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         inp = args[0] if args else next(iter(kwargs.values()))
-        self.add_batch(inp.detach(), out)
+        self.add_batch(inp, out)  # not detached here: identity is what layers share
 
 
 @contextmanager
@@ -58,12 +91,12 @@ def stats_hooks(adapter: Adapter, block: Block, names: Sequence[str], needs: set
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"block {block.name!r} has no prunable layers {missing}")
-    stats, handles = {}, []
+    stats, handles, shared = {}, [], SharedInputs()
     for name in names:
         module = modules[name]
         in_features = adapter.get_matrix(module).shape[1]
         stats[name] = LayerStats.empty(in_features, "gram" in needs, device)
-        collector = StatsCollector(adapter, module, stats[name])
+        collector = StatsCollector(adapter, module, stats[name], shared)
         handles.append(module.register_forward_hook(collector.hook, with_kwargs=True))
     try:
         yield stats

@@ -38,9 +38,10 @@ class PruneJob:
     out: str = "runs/prune"
     device: str = "auto"
     seed: int = 0
-    # "auto": methods that only score (magnitude, Wanda) take dense statistics in one
-    # forward pass; reconstruction methods (SparseGPT, ADMM) calibrate each block on the
-    # pruned model's outputs, as their reference code does. "yes"/"no" force either.
+    # "auto": every method that reads statistics (Wanda, SparseGPT, ADMM) calibrates each
+    # block on the pruned model's outputs, as the Wanda and SparseGPT reference code do
+    # (two block passes per block; Wanda's paper reports it better, and so do our runs);
+    # "no" takes dense statistics in one forward pass. "yes"/"no" force either.
     sequential: str = "auto"
     eval_dense: bool = True
     save_model: bool = True
@@ -78,7 +79,7 @@ def is_sequential(job: PruneJob) -> bool:
     if job.sequential not in ("auto", "yes", "no"):
         raise ValueError(f"--sequential {job.sequential!r}; choose one of ['auto', 'yes', 'no']")
     if job.sequential == "auto":
-        return "gram" in get_pruner(job.method).needs
+        return bool(get_pruner(job.method).needs)
     return job.sequential == "yes"
 
 

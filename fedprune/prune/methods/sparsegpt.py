@@ -106,33 +106,42 @@ def _block_keep(scores: torch.Tensor, start: int, sparsity: float, scope: str) -
 
 def _sweep_block(w1: torch.Tensor, hinv1: torch.Tensor, keep1: torch.Tensor,
                  target: SparsityTarget) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune and OBS-update one block in place of ``w1`` (out, B); return (Q1, Err1)."""
+    """Prune and OBS-update one block ``w1`` (out, B); return (Q1, Err1), both (out, B).
+
+    The sweep runs on the transposed block (B, out), so that column ``i`` is a contiguous
+    row and each step is two kernels: ``err = w * (pruned / d_i)`` and the rank-1 update
+    of the later columns. After its own update column ``i`` equals ``q`` on kept entries
+    (its error is zero there) and is not touched again, so ``Q1 = W1 * keep1`` at the end.
+    """
     d = torch.diag(hinv1)  # (B,)
-    q1 = torch.zeros_like(w1)  # (out, B) pruned weights
-    err1 = torch.zeros_like(w1)  # (out, B) scaled errors
+    wt = w1.T.contiguous()  # (B, out)
+    errt = torch.empty_like(wt)  # (B, out) scaled errors
+    drop = (~keep1).T.to(wt.dtype) / d[:, None]  # (B, out) 1/d_i where pruned, else 0
     n, m = target.n, target.m
-    for i in range(w1.shape[1]):
+    for i in range(wt.shape[0]):
         if m and i % m == 0:
-            keep1[:, i:i + m] = select_nm(w1[:, i:i + m] ** 2 / d[i:i + m] ** 2, n, m)
-        w = w1[:, i]  # (out,)
-        q = torch.where(keep1[:, i], w, torch.zeros_like(w))
-        err = (w - q) / d[i]
-        w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)  # (out, B - i) rank-1 OBS update
-        q1[:, i] = q
-        err1[:, i] = err
-    return q1, err1
+            keep1[:, i:i + m] = select_nm(wt[i:i + m].T ** 2 / d[i:i + m] ** 2, n, m)
+            drop[i:i + m] = (~keep1[:, i:i + m]).T.to(wt.dtype) / d[i:i + m, None]
+        torch.mul(wt[i], drop[i], out=errt[i])
+        wt[i:].addr_(hinv1[i, i:], errt[i], alpha=-1.0)  # rank-1 OBS update of columns i..
+    return wt.T * keep1, errt.T
 
 
 def sparsegpt_prune(weight: torch.Tensor, gram: torch.Tensor, rows: int,
-                    target: SparsityTarget, cfg: SparseGPTConfig | None = None
+                    target: SparsityTarget, cfg: SparseGPTConfig | None = None,
+                    factor: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> SparseGPTOutput:
-    """Prune ``weight`` (out, in) to ``target`` and reconstruct it from the Gram ``X^T X``."""
+    """Prune ``weight`` (out, in) to ``target`` and reconstruct it from the Gram ``X^T X``.
+
+    ``factor``: ``inverse_hessian_factor(gram, rows, cfg.percdamp)`` when already known.
+    """
     cfg = cfg or SparseGPTConfig()
     _check_target(weight, target, cfg)
     dev = weight.device
     w = weight.detach().to(torch.float32).clone()  # (out, in)
-    hinv, dead = inverse_hessian_factor(gram.to(dev), rows, cfg.percdamp)
-    hinv = hinv.to(torch.float32)  # (in, in) upper
+    hinv, dead = factor or inverse_hessian_factor(gram.to(dev), rows, cfg.percdamp)
+    hinv = hinv.to(device=dev, dtype=torch.float32)  # (in, in) upper
+    dead = dead.to(dev)
     w[:, dead] = 0
     keep = torch.zeros_like(w, dtype=torch.bool)  # (out, in)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
@@ -180,9 +189,20 @@ class SparseGPTPruner(Pruner):
     """Adaptive-mask OBS pruning with lazy blocked updates; returns mask and new weights."""
 
     needs = frozenset({"sq_norm", "gram"})
+    # the last Gram factorized, with its factor: q/k/v (and gate/up) read one input, so
+    # their Grams are equal and the float64 factorizations are done once per block
+    _last: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def prune(self, weight: torch.Tensor, stats: LayerStats | None, target: SparsityTarget
               ) -> PruneResult:
         stats = self.require_gram(stats)
-        out = sparsegpt_prune(weight, stats.gram, stats.rows, target, self.cfg)
+        gram = stats.gram.to(weight.device)
+        last = self._last
+        if last is not None and last[1] == stats.rows and last[0].shape == gram.shape \
+                and last[0].device == gram.device and torch.equal(last[0], gram):
+            factor = last[2]
+        else:
+            factor = inverse_hessian_factor(gram, stats.rows, self.cfg.percdamp)
+            self._last = (gram, stats.rows, factor)
+        out = sparsegpt_prune(weight, gram, stats.rows, target, self.cfg, factor)
         return PruneResult(out.mask, out.weight.to(weight.dtype))
