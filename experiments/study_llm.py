@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
     ap.add_argument("--clients", nargs="+", type=int, default=[4, 16])
-    ap.add_argument("--pruners", nargs="+", default=["wanda"])
+    ap.add_argument("--pruners", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--targets", nargs="+", default=["0.5", "2:4"])
     ap.add_argument("--sources", nargs="+", default=["ptb", "wikitext2", "shakespeare"])
     ap.add_argument("--total-windows", type=int, default=32)
