@@ -95,12 +95,10 @@ def client_query(cfg: ExperimentConfig, partition_id: int, kind: str,
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size, in MB (Linux reports KiB, macOS bytes)."""
-    import resource
-    import sys
+    """This process's peak resident set size so far, in MB (``prune.job.peak_memory``)."""
+    from ..prune.job import peak_memory
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak) / (2**20 if sys.platform == "darwin" else 2**10)
+    return peak_memory()["peak_rss_gb"] * 1024
 
 
 def client_evaluate(cfg: ExperimentConfig, partition_id: int, payload: dict[str, np.ndarray]
