@@ -1,4 +1,5 @@
-"""Command line: `fedprune run [CONFIG] [key=value ...]`, `fedprune partition-report`.
+"""Command line: `fedprune run [CONFIG] [key=value ...]`, `fedprune partition-report`,
+`fedprune prune` (one-shot unstructured), `fedprune shrink` (structured / depth).
 
 Configs are validated before any work starts; a bad key or value exits with status 2
 and a message naming the key.
@@ -98,6 +99,47 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shrink(args: argparse.Namespace) -> int:
+    from .prune.structured.run import ShrinkJob, run_shrink
+
+    job = ShrinkJob(model=args.model, mode=args.mode, criterion=args.criterion,
+                    fraction=args.fraction, allocation=args.allocation, prune=args.prune,
+                    heads=args.heads, skip_first=args.skip_first, skip_last=args.skip_last,
+                    bias_compensation=args.bias_compensation, calib=args.calib,
+                    eval=args.eval, out=args.out, device=args.device, seed=args.seed,
+                    speed=args.speed, eval_dense=not args.skip_dense_eval,
+                    save_model=not args.no_save)
+    try:
+        report = run_shrink(job)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedprune shrink: {err}", file=sys.stderr)
+        return 2
+    _print_shrink_summary(report)
+    return 0
+
+
+def _print_shrink_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    job = report["job"]
+    table = Table(title=f"fedprune shrink: {job['mode']} {job['criterion']} on {job['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("decoder parameters removed", f"{report['decoder_removed']:.4f}")
+    table.add_row("parameters", f"{report['params_before']:,} -> {report['params_after']:,}")
+    for source, ppl in report.get("pruned_ppl", {}).items():
+        dense = report.get("dense_ppl", {}).get(source)
+        table.add_row(f"{source} ppl", (f"{dense:.2f} -> " if dense else "") + f"{ppl:.2f}")
+    for key in ("prefill_tokens_per_s", "generate_tokens_per_s"):
+        if "pruned_speed" in report:
+            a, b = report["dense_speed"][key], report["pruned_speed"][key]
+            table.add_row(key.replace("_", " "), f"{a:.1f} -> {b:.1f} ({b / a:.2f}x)")
+    if "loads_with_transformers" in report:
+        table.add_row("loads with plain transformers", str(report["loads_with_transformers"]))
+    Console().print(table)
+
+
 def _prune_sparsity(args: argparse.Namespace) -> float:
     """--sparsity is implied by --pattern N:M; giving both with different values is an error."""
     if not args.pattern:
@@ -177,6 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cnn-epochs", type=int, default=3,
                     help="CNN: epochs of the (cached) reference training")
     pr.set_defaults(func=cmd_prune)
+    sh = sub.add_parser("shrink", help="structured (heads, channels) or depth (blocks) pruning "
+                                       "of a causal LM: a smaller, faster model")
+    sh.add_argument("--model", default="smollm2-135m", help="alias, HF folder or hub id")
+    sh.add_argument("--mode", default="width", choices=["width", "depth"])
+    sh.add_argument("--criterion", default="taylor",
+                    help="width: l1 | l2 | taylor (=taylor-first) | taylor-vector | "
+                         "taylor-second | taylor-mix | wanda-sp | flap; depth: ppl | ppl+ | "
+                         "taylor | taylor+ | block-influence")
+    sh.add_argument("--fraction", type=float, default=0.2,
+                    help="share of the decoder's parameters to remove (depth: blocks rounded)")
+    sh.add_argument("--allocation", default="uniform", choices=["uniform", "adaptive"],
+                    help="uniform: the same ratio in every layer (stock config); adaptive: "
+                         "FLAP's global ranking of standardized scores")
+    sh.add_argument("--prune", default="both", choices=["both", "heads", "mlp"])
+    sh.add_argument("--heads", default="kv", choices=["kv", "query"],
+                    help="GQA unit: a key/value head with its query heads, or query heads only")
+    sh.add_argument("--skip-first", type=int, default=0, help="blocks left whole at the start")
+    sh.add_argument("--skip-last", type=int, default=0, help="blocks left whole at the end")
+    sh.add_argument("--bias-compensation", action="store_true",
+                    help="FLAP: move removed inputs' mean contribution into the output bias")
+    sh.add_argument("--calib", default="ptb:10x128", help="calibration text SOURCE:NxL")
+    sh.add_argument("--eval", default="wikitext2:64x512,ptb:64x512",
+                    help="comma-separated perplexity specs; '' to skip")
+    sh.add_argument("--out", default="runs/shrink", help="output folder")
+    sh.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sh.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    sh.add_argument("--speed", action="store_true",
+                    help="measure prefill and generation tokens/s before and after")
+    sh.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
+    sh.add_argument("--no-save", action="store_true", help="do not save the pruned model")
+    sh.set_defaults(func=cmd_shrink)
     return parser
 
 

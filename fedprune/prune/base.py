@@ -27,10 +27,11 @@ class BatchTerms:
     sq_norm: torch.Tensor  # (in,) float64
     gram: torch.Tensor | None  # (in, in) float64
     rows: int
+    col_sum: torch.Tensor | None = None  # (in,) float64: sum_n x_nj (FLAP's input means)
 
 
 def batch_terms(x: torch.Tensor, width: int, with_gram: bool,
-                device: torch.device | str = "cpu") -> BatchTerms:
+                device: torch.device | str = "cpu", with_sum: bool = False) -> BatchTerms:
     """The sums of input rows ``x`` (rows, in) that :class:`LayerStats` accumulates.
 
     The Gram of one batch is multiplied in float32 when the rows are float32 or narrower
@@ -47,7 +48,8 @@ def batch_terms(x: torch.Tensor, width: int, with_gram: bool,
     if with_gram:
         xg = x64 if x.dtype == torch.float64 else x.to(torch.float32)
         gram = (xg.T @ xg).to(torch.float64)  # (in, in)
-    return BatchTerms((x64 * x64).sum(0), gram, x.shape[0])
+    col_sum = x64.sum(0) if with_sum else None
+    return BatchTerms((x64 * x64).sum(0), gram, x.shape[0], col_sum)
 
 
 @dataclass
@@ -57,24 +59,26 @@ class LayerStats:
     ``sq_norm[j] = sum_n X[n, j]^2`` (Wanda's ||X_j||_2^2), ``gram = X^T X`` (SparseGPT's
     and ADMM's Hessian up to scale), ``rows = n``. All are plain sums, so statistics
     computed on several machines (or halves of the data) combine exactly by ``+``: the
-    basis of federated pruning of LLMs.
+    basis of federated pruning of LLMs. ``col_sum[j] = sum_n X[n, j]`` (optional) gives the
+    input means and, with ``sq_norm``, variances (FLAP's fluctuation).
     """
 
     sq_norm: torch.Tensor  # (in,) float64
     gram: torch.Tensor | None  # (in, in) float64, or None when no method needs it
     rows: int
+    col_sum: torch.Tensor | None = None  # (in,) float64, or None when no method needs it
 
     @classmethod
-    def empty(cls, in_features: int, with_gram: bool, device: torch.device | str = "cpu"
-              ) -> "LayerStats":
+    def empty(cls, in_features: int, with_gram: bool, device: torch.device | str = "cpu",
+              with_sum: bool = False) -> "LayerStats":
+        zeros = torch.zeros(in_features, dtype=torch.float64, device=device)
         gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-        return cls(torch.zeros(in_features, dtype=torch.float64, device=device),
-                   gram if with_gram else None, 0)
+        return cls(zeros, gram if with_gram else None, 0, zeros.clone() if with_sum else None)
 
     def add_batch_(self, x: torch.Tensor) -> None:
         """Accumulate input rows ``x`` (rows, in), any float dtype."""
         self.add_terms_(batch_terms(x, self.sq_norm.shape[0], self.gram is not None,
-                                    self.sq_norm.device))
+                                    self.sq_norm.device, self.col_sum is not None))
 
     def add_terms_(self, terms: BatchTerms) -> None:
         """Accumulate one batch's sums (from :func:`batch_terms`)."""
@@ -86,6 +90,10 @@ class LayerStats:
             if terms.gram is None:
                 raise ValueError("these statistics keep a Gram matrix; the batch has none")
             self.gram += terms.gram
+        if self.col_sum is not None:
+            if terms.col_sum is None:
+                raise ValueError("these statistics keep column sums; the batch has none")
+            self.col_sum += terms.col_sum
         self.rows += terms.rows
 
     def __add__(self, other: "LayerStats") -> "LayerStats":
@@ -93,24 +101,41 @@ class LayerStats:
             raise ValueError(f"cannot add stats of widths {self.sq_norm.shape} and {other.sq_norm.shape}")
         if (self.gram is None) != (other.gram is None):
             raise ValueError("cannot add stats with and without a Gram matrix")
+        if (self.col_sum is None) != (other.col_sum is None):
+            raise ValueError("cannot add stats with and without column sums")
         gram = None if self.gram is None else self.gram + other.gram.to(self.gram.device)
+        col_sum = (None if self.col_sum is None
+                   else self.col_sum + other.col_sum.to(self.col_sum.device))
         return LayerStats(self.sq_norm + other.sq_norm.to(self.sq_norm.device), gram,
-                          self.rows + other.rows)
+                          self.rows + other.rows, col_sum)
 
     def col_norms(self) -> torch.Tensor:
         """||X_j||_2 per input column, (in,) float64."""
         return self.sq_norm.sqrt()
 
+    def col_mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per input column mean and population variance over the rows, (in,) float64 each."""
+        if self.col_sum is None or self.rows == 0:
+            raise ValueError("input means need statistics with column sums ('col_sum') over "
+                             "at least one row")
+        mean = self.col_sum / self.rows
+        return mean, (self.sq_norm / self.rows - mean * mean).clamp_min(0.0)
+
     def to_numpy(self) -> dict[str, np.ndarray]:
         out = {"sq_norm": self.sq_norm.cpu().numpy(), "rows": np.array(self.rows, np.int64)}
         if self.gram is not None:
             out["gram"] = self.gram.cpu().numpy()
+        if self.col_sum is not None:
+            out["col_sum"] = self.col_sum.cpu().numpy()
         return out
 
     @classmethod
     def from_numpy(cls, d: dict[str, np.ndarray]) -> "LayerStats":
-        gram = torch.from_numpy(np.asarray(d["gram"], np.float64)) if "gram" in d else None
-        return cls(torch.from_numpy(np.asarray(d["sq_norm"], np.float64)), gram, int(d["rows"]))
+        def opt(key: str) -> torch.Tensor | None:
+            return torch.from_numpy(np.asarray(d[key], np.float64)) if key in d else None
+
+        return cls(torch.from_numpy(np.asarray(d["sq_norm"], np.float64)), opt("gram"),
+                   int(d["rows"]), opt("col_sum"))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 from .adapters.base import Adapter, Block, BlockInput
 from .base import BatchTerms, LayerStats, batch_terms
 
-KNOWN_NEEDS = frozenset({"sq_norm", "gram"})
+KNOWN_NEEDS = frozenset({"sq_norm", "gram", "col_sum"})
 
 
 def check_needs(needs: set[str] | frozenset[str]) -> None:
@@ -46,18 +46,19 @@ class SharedInputs:
     """
 
     def __init__(self) -> None:
-        self._last: tuple[torch.Tensor, int, int, bool, BatchTerms] | None = None
+        self._last: tuple[torch.Tensor, int, int, bool, bool, BatchTerms] | None = None
 
     def terms(self, adapter: Adapter, module: nn.Module, inp: torch.Tensor, width: int,
-              with_gram: bool, device: torch.device | str) -> BatchTerms:
+              with_gram: bool, device: torch.device | str, with_sum: bool = False
+              ) -> BatchTerms:
         last = self._last
         if (isinstance(module, nn.Linear) and last is not None and last[0] is inp
-                and last[1:4] == (inp._version, width, with_gram)):
-            return last[4]
+                and last[1:5] == (inp._version, width, with_gram, with_sum)):
+            return last[5]
         rows = adapter.layer_rows(module, inp.detach())  # (rows, in)
-        terms = batch_terms(rows, width, with_gram, device)
+        terms = batch_terms(rows, width, with_gram, device, with_sum)
         if isinstance(module, nn.Linear):
-            self._last = (inp, inp._version, width, with_gram, terms)
+            self._last = (inp, inp._version, width, with_gram, with_sum, terms)
         return terms
 
 
@@ -74,7 +75,7 @@ class StatsCollector:
         stats = self.stats
         stats.add_terms_(self.shared.terms(self.adapter, self.module, inp,
                                            stats.sq_norm.shape[0], stats.gram is not None,
-                                           stats.sq_norm.device))
+                                           stats.sq_norm.device, stats.col_sum is not None))
 
     def hook(self, _module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
         inp = args[0] if args else next(iter(kwargs.values()))
@@ -85,7 +86,7 @@ class StatsCollector:
 def stats_hooks(adapter: Adapter, block: Block, names: Sequence[str], needs: set[str],
                 device: torch.device | str) -> Iterator[dict[str, LayerStats]]:
     """Hook ``names`` (qualified) of ``block`` while the body runs the block; yields the
-    stats being filled (``gram`` only when ``"gram" in needs``)."""
+    stats being filled (``gram`` / ``col_sum`` only when named in ``needs``)."""
     check_needs(needs)
     modules = adapter.prunable(block)
     missing = [n for n in names if n not in modules]
@@ -95,7 +96,8 @@ def stats_hooks(adapter: Adapter, block: Block, names: Sequence[str], needs: set
     for name in names:
         module = modules[name]
         in_features = adapter.get_matrix(module).shape[1]
-        stats[name] = LayerStats.empty(in_features, "gram" in needs, device)
+        stats[name] = LayerStats.empty(in_features, "gram" in needs, device,
+                                       "col_sum" in needs)
         collector = StatsCollector(adapter, module, stats[name], shared)
         handles.append(module.register_forward_hook(collector.hook, with_kwargs=True))
     try:

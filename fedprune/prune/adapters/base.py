@@ -18,10 +18,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..structured.groups import GroupSet
 
 
 @dataclass
@@ -53,7 +56,7 @@ class BlockInput:
     def hidden(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
-    def with_hidden(self, hidden: torch.Tensor) -> "BlockInput":
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
         """The same call with the hidden state replaced (the next block's input)."""
         if self.args:
             return BlockInput((hidden, *self.args[1:]), self.kwargs)
@@ -147,6 +150,31 @@ class Adapter(ABC):
     def check_layer(self, name: str, module: nn.Module, needs_rows: bool) -> None:
         """Raise ValueError naming ``name`` when the layer cannot be pruned as asked
         (``needs_rows``: the method reads calibration statistics of its inputs)."""
+
+    # ---- structure (structured and depth pruning) -----------------------------------------
+
+    def structure_groups(self, model: nn.Module, heads: str = "kv") -> list[GroupSet]:
+        """The model's coupled structures (``fedprune.prune.structured.groups``)."""
+        raise ValueError(f"{self.family} adapter: structured pruning is not supported for "
+                         f"{type(model).__name__}")
+
+    def finish_surgery_(self, model: nn.Module, groups: list[GroupSet],
+                        keep: Mapping[str, torch.Tensor]) -> None:
+        """Update the family's bookkeeping (config, head counts) after units were removed."""
+
+    def layer_shapes(self, model: nn.Module) -> list[dict[str, int]]:
+        """Per block, the sizes structured pruning changes (heads, channels, ...)."""
+        raise ValueError(f"{self.family} adapter: structured pruning is not supported for "
+                         f"{type(model).__name__}")
+
+    def enable_biases_(self, model: nn.Module) -> None:
+        """Give every layer a structured pruner touches a bias (zeros where it had none)."""
+        raise ValueError(f"{self.family} adapter: cannot add biases to {type(model).__name__}")
+
+    def drop_blocks_(self, model: nn.Module, keep: list[int]) -> None:
+        """Keep only the blocks ``keep`` (depth pruning), config updated."""
+        raise ValueError(f"{self.family} adapter: depth pruning is not supported for "
+                         f"{type(model).__name__}")
 
     # ---- blocks -------------------------------------------------------------------------
 

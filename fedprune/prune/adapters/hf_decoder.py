@@ -25,6 +25,14 @@ import torch
 from torch import nn
 
 from .base import Adapter, Block, BlockInput, as_batches, register_adapter, to_device
+from .hf_structure import (
+    block_groups,
+    drop_blocks_,
+    enable_biases_,
+    layer_shape,
+    set_block_attrs_,
+    write_config_,
+)
 
 
 class _BlockZeroReached(Exception):
@@ -107,6 +115,28 @@ class HFStackAdapter(Adapter):
         finally:
             handle.remove()
         return calls
+
+    def structure_groups(self, model: nn.Module, heads: str = "kv") -> list:
+        return [gs for block in self.blocks(model) for gs in block_groups(block, heads)]
+
+    def finish_surgery_(self, model: nn.Module, groups: list, keep: Mapping) -> None:
+        blocks = self.blocks(model)
+        for block in blocks:
+            set_block_attrs_(block)
+        write_config_(model.config, blocks)
+
+    def layer_shapes(self, model: nn.Module) -> list[dict[str, int]]:
+        return [layer_shape(block) for block in self.blocks(model)]
+
+    def enable_biases_(self, model: nn.Module) -> None:
+        enable_biases_(model, self.blocks(model))
+
+    def drop_blocks_(self, model: nn.Module, keep: list[int]) -> None:
+        n = len(self.blocks(model))
+        if not keep or any(not 0 <= i < n for i in keep) or sorted(set(keep)) != list(keep):
+            raise ValueError(f"blocks to keep must be distinct, ascending, in [0, {n}), and "
+                             f"at least one; got {keep}")
+        drop_blocks_(model, self.stack_path(model), list(keep))
 
     @staticmethod
     def _call_model(model: nn.Module, batch: Any) -> Any:

@@ -1,0 +1,112 @@
+"""Save and load structurally pruned Hugging Face models.
+
+``save_pruned`` is ``save_pretrained`` (safetensors). When every layer has the same shapes
+and the family's config can state them (Llama-like: heads, key/value heads, intermediate
+size; others: intermediate size), the result loads with plain
+``AutoModelForCausalLM.from_pretrained(path)``: no fedprune import, and that is checked by
+``loads_plainly``. Otherwise the config carries ``fedprune_layers`` (heads, key/value heads,
+intermediate size per layer) and the model loads with the one documented call::
+
+    from fedprune.prune.structured import load_pruned
+    model = load_pruned(path)  # any AutoModel class via auto_class=
+
+which builds the model from its config, shrinks each layer to its recorded shape (the same
+surgery that pruned it, keeping the first units) and loads the saved tensors strictly
+(every tensor present, every shape equal; tied embeddings re-tied).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import adapter_for
+from .surgery import remove_units_
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def loads_plainly(config: Any) -> bool:
+    """Whether stock transformers builds this config's shapes (no ``fedprune_layers``)."""
+    return getattr(config, "fedprune_layers", None) is None
+
+
+def save_pruned(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` into ``path`` (and the tokenizer, when given); returns ``path``."""
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / SAFETENSORS).exists():
+        return load_file(path / SAFETENSORS)
+    index = path / SAFETENSORS_INDEX
+    if not index.exists():
+        raise FileNotFoundError(f"{path}: neither {SAFETENSORS} nor {SAFETENSORS_INDEX}")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
+
+
+def shrink_to_shapes_(model: nn.Module, shapes: list[dict[str, int]]) -> None:
+    """Shrink each block to ``shapes[i]`` by keeping its first units (key/value heads first,
+    then query heads per key/value head, then intermediate channels)."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    if len(shapes) != len(blocks):
+        raise ValueError(f"fedprune_layers lists {len(shapes)} layers; the model has "
+                         f"{len(blocks)}")
+    for mode, key in (("kv", "kv_heads"), ("query", "heads")):
+        groups = adapter.structure_groups(model, mode)
+        keep = {}
+        for gs in groups:
+            want = shapes[gs.block][key] if gs.kind == "attn" else shapes[gs.block]["intermediate"]
+            keep[gs.name] = _first_units(gs.units, gs.bucket, want, gs.name)
+        remove_units_(model, groups, keep)
+
+
+def _first_units(units: int, bucket: int, want: int, name: str) -> torch.Tensor:
+    if want > units:
+        raise ValueError(f"{name}: fedprune_layers asks for {want} units, the config builds "
+                         f"only {units}")
+    if not bucket:
+        return torch.arange(want)
+    per = want // (units // bucket)
+    return torch.cat([b * bucket + torch.arange(per) for b in range(units // bucket)])
+
+
+def load_pruned(path: str | Path, auto_class: Any = None, **config_overrides: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pruned`, whatever its per-layer shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    auto_class = auto_class or AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path, **config_overrides)
+    if loads_plainly(config):
+        return auto_class.from_pretrained(path, config=config)
+    shapes = config.fedprune_layers
+    model = auto_class.from_config(config)
+    shrink_to_shapes_(model, shapes)
+    state = _state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied = tied if isinstance(tied, set) else set(tied)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path}: saved tensors do not match the recorded shapes; missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,144 @@
+"""Which units stay: uniform or adaptive allocation of a parameter budget.
+
+*Uniform* (LLM-Pruner's local pruning, FLAP's UL-UM): every group set of a kind removes the
+same fraction of its units, ``round(ratio * units)`` (per bucket for query heads under GQA),
+so every layer keeps the same shapes and the stock config describes the result.
+``ratio_for_fraction`` finds the one ratio (heads and MLP alike, or one kind only) whose
+removed parameters come closest to a fraction of the group sets' parameters.
+
+*Adaptive* (FLAP's AL-AM): scores are standardized within each group set,
+``z = (s - mean) / std`` (unbiased std, as FLAP's ``torch.std``), all units of all group sets
+are ranked together by ``z`` and removed from the least important on, each costing its
+parameters, until the removed parameters come closest to the target (FLAP's
+``argmin |cumsum(cost) - target|``, which weights a head by its parameters as FLAP does).
+Every group set keeps at least one unit; query-head buckets lose one head per bucket at a
+time (the k-th least important of each bucket together, scored by their mean ``z``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .groups import GroupSet, params_per_unit
+
+KIND_OF = {"heads": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp"), "channels": ("channels",)}
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` largest scores, ascending (ties to the earlier unit)."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return torch.tensor(sorted(order[:count]), dtype=torch.long)
+
+
+def keep_top(gs: GroupSet, scores: torch.Tensor, remove: int) -> torch.Tensor:
+    """Keep all but the ``remove`` least important units (per bucket when bucketed)."""
+    if not gs.bucket:
+        return _top(scores, gs.units - remove)
+    per = remove
+    out = [b * gs.bucket + _top(scores[b * gs.bucket:(b + 1) * gs.bucket], gs.bucket - per)
+           for b in range(gs.units // gs.bucket)]
+    return torch.cat(out)
+
+
+def removal_count(gs: GroupSet, ratio: float, setting: str) -> int:
+    """Units removed from ``gs`` at ``ratio`` (per bucket when bucketed); refuses all."""
+    size = gs.bucket or gs.units
+    remove = round(ratio * size)
+    if remove >= size:
+        what = f"every {gs.unit_label} of a key/value group" if gs.bucket else \
+            f"every {gs.unit_label}"
+        raise ValueError(f"{gs.name}: {setting}={ratio} would remove {what} ({remove} of "
+                         f"{size}); lower it")
+    return remove
+
+
+def uniform_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
+                 ratios: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Keep per group set at the ratio of its kind (``ratios["attn"]``, ``["mlp"]``, ...)."""
+    keep = {}
+    for gs in groups:
+        ratio = ratios.get(gs.kind, 0.0)
+        if ratio <= 0:
+            continue
+        keep[gs.name] = keep_top(gs, scores[gs.name], removal_count(gs, ratio, f"{gs.kind} ratio"))
+    return keep
+
+
+def removed_params(groups: list[GroupSet], modules: Mapping[str, nn.Module],
+                   keep: Mapping[str, torch.Tensor]) -> int:
+    return sum((gs.units - keep[gs.name].numel()) * params_per_unit(gs, modules)
+               for gs in groups if gs.name in keep)
+
+
+def total_params(groups: list[GroupSet], modules: Mapping[str, nn.Module]) -> int:
+    return sum(gs.units * params_per_unit(gs, modules) for gs in groups)
+
+
+def ratio_for_fraction(groups: list[GroupSet], modules: Mapping[str, nn.Module],
+                       fraction: float, kinds: tuple[str, ...], step: float = 0.0025) -> float:
+    """The uniform ratio whose removed parameters come closest to ``fraction`` of the group
+    sets' parameters (only ``kinds`` pruned); rounding makes the achieved value a step
+    function of the ratio, so candidates are scanned."""
+    costs = {gs.name: params_per_unit(gs, modules) for gs in groups}
+    target = fraction * sum(gs.units * costs[gs.name] for gs in groups)
+    best, best_err, r = None, None, 0.0
+    while r < 1.0:
+        try:
+            removed = sum(removal_count(gs, r, "ratio") * (gs.units // (gs.bucket or gs.units))
+                          * costs[gs.name] for gs in groups if gs.kind in kinds)
+        except ValueError:
+            break
+        err = abs(removed - target)
+        if best_err is None or err < best_err - 1e-9:
+            best, best_err = r, err
+        r = round(r + step, 6)
+    if best is None:
+        raise ValueError(f"no uniform ratio removes {fraction} of the parameters")
+    return best
+
+
+def standardize(scores: torch.Tensor) -> torch.Tensor:
+    """``(s - mean) / std`` with the unbiased std; all-equal scores give zeros."""
+    s = scores.to(torch.float64)
+    if s.numel() < 2:
+        return torch.zeros_like(s)
+    std = s.std()
+    return (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
+
+
+def _candidates(gs: GroupSet, z: torch.Tensor, cost: int) -> list[tuple[float, int, str, list[int]]]:
+    """Removal candidates of one group set in the order they must go: (score, cost, set, units)."""
+    if not gs.bucket:
+        order = sorted(range(gs.units), key=lambda i: (float(z[i]), i))[:-1]  # keep >= 1
+        return [(float(z[i]), cost, gs.name, [i]) for i in order]
+    buckets = [sorted(range(b * gs.bucket, (b + 1) * gs.bucket), key=lambda i: (float(z[i]), i))
+               for b in range(gs.units // gs.bucket)]
+    out = []
+    for k in range(gs.bucket - 1):
+        units = [b[k] for b in buckets]
+        out.append((float(z[units].mean()), cost * len(units), gs.name, units))
+    return out
+
+
+def adaptive_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
+                  modules: Mapping[str, nn.Module], fraction: float) -> dict[str, torch.Tensor]:
+    """Global removal by standardized score to ``fraction`` of the group sets' parameters."""
+    cands = []
+    for gs in groups:
+        cands += _candidates(gs, standardize(scores[gs.name]), params_per_unit(gs, modules))
+    target = fraction * total_params(groups, modules)
+    # a set's candidates are in its own removal order; a stable sort by score keeps it
+    cands.sort(key=lambda c: c[0])
+    cum, best_n, best_err = 0, 0, target
+    for n, c in enumerate(cands, 1):
+        cum += c[1]
+        if abs(cum - target) < best_err:
+            best_n, best_err = n, abs(cum - target)
+    gone: dict[str, set[int]] = {gs.name: set() for gs in groups}
+    for c in cands[:best_n]:
+        gone[c[2]].update(c[3])
+    return {gs.name: torch.tensor([i for i in range(gs.units) if i not in gone[gs.name]],
+                                  dtype=torch.long) for gs in groups if gone[gs.name]}
