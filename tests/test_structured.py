@@ -122,10 +122,28 @@ def test_surgery_refuses_bad_keeps_before_touching_weights():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_structured_pruning_refuses_a_family_without_structure():
-    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(ValueError, match="structured pruning is not supported"):
-        adapter_for(cnn).structure_groups(cnn)
+def test_unknown_structures_are_refused_or_left_whole():
+    from fedprune.prune.adapters.base import Block
+    from fedprune.prune.adapters.hf_structure import layout_of
+
+    with pytest.raises(ValueError, match="no pruning adapter"):
+        adapter_for(nn.Sequential(nn.ReLU()))
+    odd = Block(3, "model.layers.3", nn.ModuleDict({"mixer": nn.Linear(4, 4)}))
+    with pytest.raises(ValueError, match="block 'model.layers.3'.*no known attention/MLP"):
+        layout_of(odd)
+
+    class Cat(nn.Module):  # concatenated channels: the tracer cannot couple them
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+            self.c, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.c(torch.cat([self.a(x), self.b(x)], 1))
+            return self.head(torch.relu(y).mean((2, 3)))
+
+    groups = adapter_for(Cat()).structure_groups(Cat())
+    assert [gs.name for gs in groups] == []  # c's output is reduced by an unknown mean too
 
 
 # ---- criteria on hand-built layers ------------------------------------------------------
@@ -244,7 +262,7 @@ def test_adaptive_keep_ranks_standardized_scores_weighted_by_parameters():
     # b's worst (z=-1.49) and a's worst (z=-1.16) go
     scores = {"a": torch.tensor([1000.0, 2000.0, 3000.0, 0.0]),
               "b": torch.tensor([1.0, 2.0, 2.5, 2.4])}
-    keep = adaptive_keep([a, b], scores, mods, fraction=0.25)  # 2 of 8 params
+    keep = adaptive_keep([a, b], scores, mods, target=2)  # 2 of 8 params
     assert keep["a"].tolist() == [0, 1, 2] and keep["b"].tolist() == [1, 2, 3]
 
 
@@ -353,3 +371,100 @@ def test_shrink_cli_end_to_end(tmp_path, data_root):
     assert loaded.config.attention_bias and loaded.config.intermediate_size < 128
     assert main(["shrink", "--model", "tiny-llama", "--fraction", "0.9", "--prune", "heads",
                  "--calib", "ptb:2x32", "--eval", "", "--out", str(tmp_path / "bad")]) == 2
+
+
+# ---- CNNs ----------------------------------------------------------------------------------
+
+def _cnn(name: str, dataset: str = "cifar10"):
+    from fedprune.config import ModelConfig
+    from fedprune.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, width=8), dataset).eval()
+    for m in model.modules():  # non-trivial BN statistics, so a wrong slice shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model
+
+
+@pytest.mark.parametrize("name,dataset,residual", [
+    ("resnet8", "cifar10", "group"), ("resnet8", "cifar10", "skip"),
+    ("resnet20", "cifar10", "group"), ("vgg11_bn", "cifar10", "group"),
+    ("convnet", "mnist", "group")])
+def test_cnn_pruned_equals_masked_and_reloads_without_masks(tmp_path, name, dataset, residual):
+    import copy
+
+    from fedprune.prune.structured.io import load_cnn, save_cnn
+
+    masked = _cnn(name, dataset)
+    pruned = copy.deepcopy(masked)
+    groups = adapter_for(masked).structure_groups(masked, residual=residual)
+    keep = _random_keep(groups)
+    mask_units_(masked, groups, keep)
+    remove_units_(pruned, adapter_for(pruned).structure_groups(pruned, residual=residual), keep)
+    x = torch.randn(2, *(3, 32, 32) if dataset == "cifar10" else (1, 28, 28))
+    with torch.no_grad():
+        assert torch.allclose(masked(x), pruned(x), atol=1e-5)
+        assert not torch.allclose(_cnn(name, dataset)(x), pruned(x), atol=1e-3)
+    save_cnn(pruned, tmp_path, {"name": name, "width": 8, "dataset": dataset})
+    loaded = load_cnn(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert sum(p.numel() for p in loaded.parameters()) < sum(
+        p.numel() for p in _cnn(name, dataset).parameters())
+
+
+def test_resnet_residual_channels_form_one_group():
+    model = _cnn("resnet8")
+    groups = {gs.name: gs for gs in adapter_for(model).structure_groups(model)}
+    stage0 = next(gs for gs in groups.values() if "conv1" in {m.module for m in gs.members})
+    members = {(m.module, m.axis) for m in stage0.members}
+    # the stem conv and block 0's conv2 are both added into the stage-0 residual stream;
+    # their BNs, block 0's conv1 and stage 1's conv1 and 1x1 shortcut read it
+    assert members == {("conv1", "out"), ("layers.0.0.conv2", "out"), ("bn1", "out"),
+                       ("layers.0.0.bn2", "out"), ("layers.0.0.conv1", "in"),
+                       ("layers.1.0.conv1", "in"), ("layers.1.0.shortcut.0", "in")}
+    assert stage0.unit_label == "residual-tied channel"
+    skip = adapter_for(model).structure_groups(model, residual="skip")
+    assert all(gs.unit_label == "channel" for gs in skip) and len(skip) == 3
+    # the classifier's output space reaches the logits: never offered
+    assert not any(m.module == "fc" and m.axis == "out" for gs in groups.values()
+                   for m in gs.members)
+
+
+def test_beta_rank_golden():
+    from fedprune.prune.structured.evidence import collect_beta_stats
+
+    conv = nn.Conv2d(1, 3, (1, 2), bias=False)
+    conv.weight.data = torch.tensor([[[[1.0, 1.0]]], [[[1.0, -1.0]]], [[[3.0, 1.0]]]])
+    model = nn.Sequential()
+    model.add_module("conv", conv)
+    x = torch.tensor([[[[1.0, 3.0]]], [[[3.0, 1.0]]]])  # two images of 1x2 pixels
+    ev = Evidence(beta=collect_beta_stats(model, [x], ["conv"]))
+    gs = GroupSet("conv:channels", "channels", 0, 3, (Member("conv", "out",
+                                                             contiguous_index(3, 1)),))
+    # patch spread over samples: {1,3,3,1} -> 1. Outputs: f0 -> 4, 4 (no spread: skipped),
+    # f1 -> -2, 2 (spread 2), f2 -> 6, 10 (spread 2). Score = L1 * sigma_in / sigma_out:
+    # f0: 2 * 0 = 0, f1: 2 * 1/2 = 1, f2: 4 * 1/2 = 2 (the public code's sigma_out / sigma_in
+    # would give f1 4, f2 8)
+    got = get_criterion("beta-rank").scores(gs, {"conv": conv}, ev)
+    assert torch.allclose(got, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+
+
+def test_cnn_criteria_shrink_to_the_fraction_and_taylor_uses_labels():
+    import copy
+
+    base = _cnn("resnet8")
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))]
+    before = sum(p.numel() for p in base.parameters())
+    for crit in ("l1", "taylor", "wanda-sp", "beta-rank"):
+        for alloc in ("uniform", "adaptive"):
+            model = copy.deepcopy(base)
+            report = shrink(model, StructuredConfig(crit, alloc, 0.4), calib)
+            assert abs(report.decoder_removed - 0.4) < 0.02, (crit, alloc)
+            assert sum(p.numel() for p in model.parameters()) == report.params_after < before
+            assert model(calib[0][0]).shape == (8, 10)

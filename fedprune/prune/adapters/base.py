@@ -153,8 +153,11 @@ class Adapter(ABC):
 
     # ---- structure (structured and depth pruning) -----------------------------------------
 
-    def structure_groups(self, model: nn.Module, heads: str = "kv") -> list[GroupSet]:
-        """The model's coupled structures (``fedprune.prune.structured.groups``)."""
+    def structure_groups(self, model: nn.Module, heads: str = "kv",
+                         residual: str = "group") -> list[GroupSet]:
+        """The model's coupled structures (``fedprune.prune.structured.groups``): ``heads``
+        picks the attention unit under GQA, ``residual`` whether channels tied by a residual
+        addition are pruned together ("group") or left alone ("skip")."""
         raise ValueError(f"{self.family} adapter: structured pruning is not supported for "
                          f"{type(model).__name__}")
 

@@ -106,6 +106,16 @@ class CNNAdapter(Adapter):
             raise ValueError(f"layer {name!r}: Conv3d input rows are not supported; methods "
                              "that read calibration statistics cannot prune it (magnitude can)")
 
+    def structure_groups(self, model: nn.Module, heads: str = "kv",
+                         residual: str = "group") -> list:
+        from .cnn_structure import cnn_groups  # torch.fx only when structure is asked for
+
+        return cnn_groups(model, residual)
+
+    def layer_shapes(self, model: nn.Module) -> list[dict[str, int]]:
+        """One dict (the whole CNN is one block): channels per prunable channel space."""
+        return [{gs.name: gs.units for gs in self.structure_groups(model)}]
+
     def capture_inputs(self, model: nn.Module, calib_inputs: Any,
                        device: torch.device | str) -> list[BlockInput]:
         calls = []

@@ -116,7 +116,9 @@ class HFStackAdapter(Adapter):
             handle.remove()
         return calls
 
-    def structure_groups(self, model: nn.Module, heads: str = "kv") -> list:
+    def structure_groups(self, model: nn.Module, heads: str = "kv",
+                         residual: str = "group") -> list:
+        # a transformer's residual stream is its hidden size, which is never pruned here
         return [gs for block in self.blocks(model) for gs in block_groups(block, heads)]
 
     def finish_surgery_(self, model: nn.Module, groups: list, keep: Mapping) -> None:

@@ -63,14 +63,17 @@ class GradEvidence:
 
 
 def _samples(batches: Iterable[Any], split: bool) -> Iterable[Any]:
+    """The batches, or with ``split`` every example on its own (same container type)."""
     for batch in batches:
         if not split:
             yield batch
-            continue
-        ids = batch if isinstance(batch, torch.Tensor) else batch["input_ids"]
-        for i in range(ids.shape[0]):
-            yield ids[i:i + 1] if isinstance(batch, torch.Tensor) else \
-                {k: v[i:i + 1] for k, v in batch.items()}
+        elif isinstance(batch, torch.Tensor):
+            yield from (batch[i:i + 1] for i in range(batch.shape[0]))
+        elif isinstance(batch, (tuple, list)):
+            yield from (tuple(t[i:i + 1] for t in batch) for i in range(batch[0].shape[0]))
+        else:
+            n = batch["input_ids"].shape[0]
+            yield from ({k: v[i:i + 1] for k, v in batch.items()} for i in range(n))
 
 
 def collect_gradients(model: nn.Module, batches: Sequence[Any], names: Sequence[str],
@@ -118,11 +121,98 @@ def collect_gradients(model: nn.Module, batches: Sequence[Any], names: Sequence[
 
 
 def _rows(batch: Any) -> int:
-    ids = batch if isinstance(batch, torch.Tensor) else batch["input_ids"]
-    return int(ids.shape[0])
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].shape[0])
+    return int(batch["input_ids"].shape[0])
 
 
 def _to(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return tuple(t.to(device) for t in batch)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def classification_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy of one ``(images, labels)`` batch and its example count."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y), int(y.shape[0])
+
+
+def loss_for(batch: Any) -> LossFn:
+    """Classification loss for ``(inputs, labels)`` batches, else the causal LM loss."""
+    return classification_loss if isinstance(batch, (tuple, list)) else causal_lm_loss
+
+
+@dataclass
+class BetaStats:
+    """Sums for Beta-Rank's input and output spreads of one conv (or linear) layer.
+
+    Per output position ``p``: the input patch the filters read (``unfold``: every input
+    channel and kernel tap, zero padding included) over all samples, and each filter's
+    output over all samples. Plain sums, so clients' statistics add up.
+    """
+
+    in_sum: torch.Tensor  # (L,) float64
+    in_sq: torch.Tensor  # (L,)
+    in_count: int  # samples * patch size
+    out_sum: torch.Tensor  # (K, L)
+    out_sq: torch.Tensor  # (K, L)
+    samples: int
+
+    def sigma_in(self) -> torch.Tensor:
+        mean = self.in_sum / self.in_count
+        return (self.in_sq / self.in_count - mean * mean).clamp_min(0).sqrt()
+
+    def sigma_out(self) -> torch.Tensor:
+        mean = self.out_sum / self.samples
+        return (self.out_sq / self.samples - mean * mean).clamp_min(0).sqrt()
+
+    def __add__(self, other: "BetaStats") -> "BetaStats":
+        return BetaStats(self.in_sum + other.in_sum, self.in_sq + other.in_sq,
+                         self.in_count + other.in_count, self.out_sum + other.out_sum,
+                         self.out_sq + other.out_sq, self.samples + other.samples)
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, D, L) input patches of a conv (D = in * taps) or (N, in, 1) for a linear layer."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, 1)
+    if not isinstance(module, nn.Conv2d) or isinstance(module.padding, str):
+        raise ValueError(f"beta-rank: {type(module).__name__} with padding "
+                         f"{getattr(module, 'padding', None)!r} is not supported")
+    return nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding,
+                                module.stride)
+
+
+@torch.no_grad()
+def collect_beta_stats(model: nn.Module, batches: Sequence[Any], names: Sequence[str],
+                       device: torch.device | str = "cpu") -> dict[str, BetaStats]:
+    """Beta-Rank sums of layers ``names`` over the inputs of ``batches``."""
+    modules = dict(model.named_modules())
+    stats: dict[str, BetaStats] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            p = _patches(module, args[0].detach()).double()  # (N, D, L)
+            y = out.detach().double().reshape(out.shape[0], out.shape[1], -1)  # (N, K, L)
+            s = BetaStats(p.sum((0, 1)), (p * p).sum((0, 1)), p.shape[0] * p.shape[1],
+                          y.sum(0), (y * y).sum(0), y.shape[0])
+            stats[name] = stats[name] + s if name in stats else s
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return stats

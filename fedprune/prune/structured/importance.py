@@ -16,7 +16,21 @@ criterion          position score (W a member's weight, g its gradient, F the Fi
 ``taylor-mix``     sum |W*g - W*F*W/2|  (``param_mix``)
 ``wanda-sp``       mean_i |W_ij| * sqrt(mean ||X_j||^2), output-projection columns only
 ``flap``           Var(X_j) * sum_i W_ij^2, output-projection columns only (FLAP's WIFV)
+``beta-rank``      sum |W_k| * mean_p sigma_in(p) / sigma_out(k, p), producer rows only
 =================  ==========================================================================
+
+Beta-Rank (Homayounfar et al. 2023, Eq. 5): a filter's L1 norm times ``|sigma_in / sigma_out|``,
+the spread of the input patch it reads over the spread of its own output, over the samples
+(a standardized regression coefficient: the filter rescaled as if input and output had unit
+variance). Eq. 5 has one patch; a conv applies the filter at every output position ``p``, so
+the ratio is averaged over positions (the public code sums: same ranking). Positions where
+the filter's output does not vary are skipped. Differences from the public code
+(mohofar/Beta-Rank ``rank_generation.py``, ``std_filters``): it multiplies by
+``sigma_out / sigma_in`` (the reciprocal of Eq. 5), and it slices the NCHW input as if it were
+NHWC (``inp[:, d1*s : d1*s+kh, d2*s : d2*s+kw, :]`` takes *channels* d1*s.. and rows d2*s..,
+all columns, no padding), so its "patch" is not the filter's receptive field; it also uses
+only the last batch. Ours follows the paper, with the true receptive field (``unfold``,
+zero padding included) over all calibration images.
 
 Activation criteria (``wanda-sp``, ``flap``) read the input statistics of the members that
 carry them (``Member.stats``: attention output projection, MLP down projection) from the
@@ -38,7 +52,7 @@ import torch
 from torch import nn
 
 from ..base import LayerStats
-from .evidence import GradEvidence
+from .evidence import BetaStats, GradEvidence
 from .groups import GroupSet, Member, member_layout, positions_view
 
 
@@ -48,6 +62,7 @@ class Evidence:
 
     stats: Mapping[str, LayerStats] | None = None
     grads: GradEvidence | None = None
+    beta: Mapping[str, BetaStats] | None = None
 
 
 def unit_scores(gs: GroupSet, per_member: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -63,11 +78,13 @@ def unit_scores(gs: GroupSet, per_member: Mapping[str, torch.Tensor]) -> torch.T
 
 class Criterion:
     """One importance criterion. ``needs``: statistics (``sq_norm``, ``col_sum``) of the
-    stats members; ``grads``: "", "first" or "second" (gradient evidence it reads)."""
+    stats members; ``grads``: "", "first" or "second" (gradient evidence it reads);
+    ``beta``: Beta-Rank spreads of the producer layers."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     grads: ClassVar[str] = ""
+    beta: ClassVar[bool] = False  # reads Beta-Rank spreads of the producers
 
     def position_scores(self, member: Member, module: nn.Module, ev: Evidence
                         ) -> torch.Tensor | None:
@@ -215,3 +232,21 @@ class Flap(Criterion):
             return None
         _, var = stats.col_mean_var()  # (in,)
         return _to_positions(module, var * _matrix(module).pow(2).sum(0))
+
+
+@register_criterion("beta-rank")
+class BetaRank(Criterion):
+    beta = True
+
+    def position_scores(self, member, module, ev):
+        if member.axis != "out" or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return None  # the paper ranks filters: only producers' rows count
+        if ev.beta is None or member.module not in ev.beta:
+            raise ValueError(f"beta-rank needs input/output spreads of {member.module!r}")
+        b = ev.beta[member.module]
+        s_in, s_out = b.sigma_in(), b.sigma_out()  # (L,), (K, L)
+        varies = s_out > 0
+        ratio = torch.where(varies, s_in / s_out.clamp_min(1e-300), torch.zeros_like(s_out))
+        beta = ratio.sum(1) / varies.sum(1).clamp_min(1)  # mean over varying positions, (K,)
+        l1 = positions_view(module, _weight(module), "out").abs().sum(1)  # (K,)
+        return l1 * beta

@@ -110,3 +110,49 @@ def load_pruned(path: str | Path, auto_class: Any = None, **config_overrides: An
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()
+
+
+CNN_META = "fedprune_cnn.json"
+
+
+def save_cnn(model: nn.Module, path: str | Path, arch: dict[str, Any]) -> Path:
+    """Save a channel-pruned CNN: its (smaller) tensors as safetensors, and how to rebuild
+    it: ``arch`` (``name``, ``width``, ``dataset``, ``num_classes`` for the model registry)
+    and the channels every channel space kept."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": arch, "channels": adapter_for(model).layer_shapes(model)[0]}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(path / SAFETENSORS))
+    (path / CNN_META).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_cnn(path: str | Path) -> nn.Module:
+    """Rebuild a CNN saved by :func:`save_cnn`: the registry model, shrunk to the saved
+    channel counts, then the saved tensors loaded strictly (no masks anywhere)."""
+    from safetensors.torch import load_file
+
+    from ...config import ModelConfig
+    from ...models import build_model
+
+    path = Path(path)
+    meta = json.loads((path / CNN_META).read_text())
+    arch = meta["arch"]
+    model = build_model(ModelConfig(name=arch["name"], width=arch["width"],
+                                    num_classes=arch.get("num_classes", 10)), arch["dataset"])
+    groups = adapter_for(model).structure_groups(model)
+    known = {gs.name: gs for gs in groups}
+    unknown = sorted(set(meta["channels"]) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: channel spaces {unknown} do not exist in {arch['name']}")
+    keep = {name: torch.arange(n) for name, n in meta["channels"].items()}
+    for name, n in meta["channels"].items():
+        if n > known[name].units:
+            raise ValueError(f"{path}: {name} keeps {n} channels; the model has "
+                             f"{known[name].units}")
+    remove_units_(model, groups, keep)
+    model.load_state_dict(load_file(str(path / SAFETENSORS)), strict=True)
+    return model.eval()

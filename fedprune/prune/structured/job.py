@@ -22,7 +22,7 @@ from torch import nn
 from ...config import ConfigError
 from ..adapters import adapter_for
 from ..pipeline import collect_model_stats
-from .evidence import collect_gradients
+from .evidence import collect_beta_stats, collect_gradients, loss_for
 from .groups import GroupSet
 from .importance import Evidence, get_criterion
 from .select import (
@@ -47,6 +47,7 @@ class StructuredConfig:
     skip_first: int = 0  # blocks left whole at the start
     skip_last: int = 0  # ... and at the end
     bias_compensation: bool = False  # FLAP: removed inputs' mean moved into the bias
+    residual: str = "group"  # CNN: channels tied by residual additions pruned together, "skip"
 
     def __post_init__(self) -> None:
         get_criterion(self.criterion)  # ValueError naming the criteria
@@ -59,6 +60,8 @@ class StructuredConfig:
             raise ConfigError(f"structured.prune={self.prune!r}; choose 'both', 'heads' or 'mlp'")
         if self.heads not in ("kv", "query"):
             raise ConfigError(f"structured.heads={self.heads!r}; choose 'kv' or 'query'")
+        if self.residual not in ("group", "skip"):
+            raise ConfigError(f"structured.residual={self.residual!r}; choose 'group' or 'skip'")
         if self.skip_first < 0 or self.skip_last < 0:
             raise ConfigError("structured.skip_first/skip_last must be >= 0")
 
@@ -104,7 +107,7 @@ def candidate_groups(model: nn.Module, cfg: StructuredConfig) -> list[GroupSet]:
         raise ConfigError(f"structured.skip_first={cfg.skip_first} and skip_last="
                           f"{cfg.skip_last} leave none of the {n} blocks to prune")
     kinds = KIND_OF[cfg.prune]
-    return [gs for gs in adapter.structure_groups(model, cfg.heads)
+    return [gs for gs in adapter.structure_groups(model, cfg.heads, cfg.residual)
             if gs.kind in kinds and lo <= gs.block < hi]
 
 
@@ -113,13 +116,22 @@ def gather_evidence(model: nn.Module, groups: list[GroupSet], cfg: StructuredCon
     """Statistics and gradients that ``cfg``'s criterion (and compensation) read."""
     crit = get_criterion(cfg.criterion)
     needs = set(crit.needs) | ({"sq_norm", "col_sum"} if cfg.bias_compensation else set())
+    batches = list(calib) if calib is not None else []
+    if (needs or crit.grads or crit.beta) and not batches:
+        raise ValueError(f"criterion {cfg.criterion!r} needs calibration data; got none")
+    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]  # labels dropped
     ev = Evidence()
     if needs:
-        ev.stats = collect_model_stats(model, None, calib, needs, device)
+        ev.stats = collect_model_stats(model, None, inputs, needs, device)
     if crit.grads:
         names = sorted({m.module for gs in groups for m in gs.members})
-        ev.grads = collect_gradients(model, list(calib), names, crit.grads == "second",
-                                     device=device)
+        ev.grads = collect_gradients(model, batches, names, crit.grads == "second",
+                                     loss_for(batches[0]), device)
+    if crit.beta:
+        modules = dict(model.named_modules())
+        producers = sorted({m.module for gs in groups for m in gs.members if m.axis == "out"
+                            and isinstance(modules[m.module], (nn.Conv2d, nn.Linear))})
+        ev.beta = collect_beta_stats(model, inputs, producers, device)
     return ev
 
 
@@ -128,15 +140,14 @@ def plan_keep(model: nn.Module, groups: list[GroupSet], scores: dict[str, torch.
     """Kept units per group set for ``cfg``'s allocation, and the uniform ratio if any."""
     modules = dict(model.named_modules())
     target = cfg.fraction * decoder_params(model)
-    share = target / max(total_params(groups, modules), 1)
-    if share >= 1.0:
+    if target >= total_params(groups, modules):
         raise ConfigError(f"structured.fraction={cfg.fraction} asks for {int(target)} "
                           f"parameters; pruning {cfg.prune!r} can remove at most "
                           f"{total_params(groups, modules)}")
     if cfg.allocation == "adaptive":
-        return adaptive_keep(groups, scores, modules, share), None
+        return adaptive_keep(groups, scores, modules, target), None
     kinds = KIND_OF[cfg.prune]
-    ratio = ratio_for_fraction(groups, modules, share, kinds)
+    ratio = ratio_for_fraction(groups, modules, target, kinds)
     return uniform_keep(groups, scores, {k: ratio for k in kinds}), ratio
 
 

@@ -8,9 +8,10 @@ removed parameters come closest to a fraction of the group sets' parameters.
 
 *Adaptive* (FLAP's AL-AM): scores are standardized within each group set,
 ``z = (s - mean) / std`` (unbiased std, as FLAP's ``torch.std``), all units of all group sets
-are ranked together by ``z`` and removed from the least important on, each costing its
-parameters, until the removed parameters come closest to the target (FLAP's
-``argmin |cumsum(cost) - target|``, which weights a head by its parameters as FLAP does).
+are ranked together by ``z`` and removed from the least important on until the removed
+parameters come closest to the target (FLAP's ``argmin |cumsum(cost) - target|``, which
+weights a head by its parameters as FLAP does; here the count is exact, so a CNN weight
+shared by two removed channels counts once).
 Every group set keeps at least one unit; query-head buckets lose one head per bucket at a
 time (the k-th least important of each bucket together, scored by their mean ``z``).
 """
@@ -22,9 +23,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .groups import GroupSet, params_per_unit
+from .groups import GroupSet, member_layout, params_per_unit
 
-KIND_OF = {"heads": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp"), "channels": ("channels",)}
+# which group-set kinds a ``prune`` setting offers ("both": everything the model has)
+KIND_OF = {"heads": ("attn",), "mlp": ("mlp",), "both": ("attn", "mlp", "channels")}
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -69,34 +71,63 @@ def uniform_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
 
 def removed_params(groups: list[GroupSet], modules: Mapping[str, nn.Module],
                    keep: Mapping[str, torch.Tensor]) -> int:
-    return sum((gs.units - keep[gs.name].numel()) * params_per_unit(gs, modules)
-               for gs in groups if gs.name in keep)
+    """Exactly how many parameters removing the units not in ``keep`` removes. A weight
+    entry can belong to two units (a conv's output channel and the next conv's input
+    channel, in a CNN); it is counted once."""
+    gone: dict[tuple[str, str], int] = {}
+    for gs in groups:
+        if gs.name not in keep:
+            continue
+        lost = gs.units - keep[gs.name].numel()
+        for m in gs.members:
+            key = (m.module, m.axis)
+            gone[key] = gone.get(key, 0) + lost * m.index.shape[1]
+    total = 0
+    for name in {n for n, _ in gone}:
+        module = modules[name]
+        w = module.weight
+        out_n, in_n = w.shape[member_layout(module, "out")], (
+            w.shape[member_layout(module, "in")] if w.dim() > 1 else 1)
+        r_out, r_in = gone.get((name, "out"), 0), gone.get((name, "in"), 0)
+        kept = w.numel() * (out_n - r_out) * (in_n - r_in) // (out_n * in_n)
+        total += w.numel() - kept
+        if getattr(module, "bias", None) is not None:
+            total += r_out
+    return total
 
 
 def total_params(groups: list[GroupSet], modules: Mapping[str, nn.Module]) -> int:
-    return sum(gs.units * params_per_unit(gs, modules) for gs in groups)
+    """Parameters of every layer that a member of ``groups`` touches."""
+    names = {m.module for gs in groups for m in gs.members}
+    return sum(sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in names)
+
+
+def _first_keep(gs: GroupSet, remove: int) -> torch.Tensor:
+    """Some keep of the right size (counts are all that parameter counting needs)."""
+    if not gs.bucket:
+        return torch.arange(gs.units - remove)
+    return torch.cat([b * gs.bucket + torch.arange(gs.bucket - remove)
+                      for b in range(gs.units // gs.bucket)])
 
 
 def ratio_for_fraction(groups: list[GroupSet], modules: Mapping[str, nn.Module],
-                       fraction: float, kinds: tuple[str, ...], step: float = 0.0025) -> float:
-    """The uniform ratio whose removed parameters come closest to ``fraction`` of the group
-    sets' parameters (only ``kinds`` pruned); rounding makes the achieved value a step
-    function of the ratio, so candidates are scanned."""
-    costs = {gs.name: params_per_unit(gs, modules) for gs in groups}
-    target = fraction * sum(gs.units * costs[gs.name] for gs in groups)
+                       target: float, kinds: tuple[str, ...], step: float = 0.0025) -> float:
+    """The uniform ratio whose removed parameters come closest to ``target`` (a count; only
+    ``kinds`` pruned); rounding makes the achieved count a step function of the ratio, so
+    candidate ratios are scanned."""
+    chosen = [gs for gs in groups if gs.kind in kinds]
     best, best_err, r = None, None, 0.0
     while r < 1.0:
         try:
-            removed = sum(removal_count(gs, r, "ratio") * (gs.units // (gs.bucket or gs.units))
-                          * costs[gs.name] for gs in groups if gs.kind in kinds)
+            keep = {gs.name: _first_keep(gs, removal_count(gs, r, "ratio")) for gs in chosen}
         except ValueError:
             break
-        err = abs(removed - target)
+        err = abs(removed_params(chosen, modules, keep) - target)
         if best_err is None or err < best_err - 1e-9:
             best, best_err = r, err
         r = round(r + step, 6)
     if best is None:
-        raise ValueError(f"no uniform ratio removes {fraction} of the parameters")
+        raise ValueError(f"no uniform ratio removes {int(target)} parameters")
     return best
 
 
@@ -123,22 +154,30 @@ def _candidates(gs: GroupSet, z: torch.Tensor, cost: int) -> list[tuple[float, i
     return out
 
 
-def adaptive_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
-                  modules: Mapping[str, nn.Module], fraction: float) -> dict[str, torch.Tensor]:
-    """Global removal by standardized score to ``fraction`` of the group sets' parameters."""
-    cands = []
-    for gs in groups:
-        cands += _candidates(gs, standardize(scores[gs.name]), params_per_unit(gs, modules))
-    target = fraction * total_params(groups, modules)
-    # a set's candidates are in its own removal order; a stable sort by score keeps it
-    cands.sort(key=lambda c: c[0])
-    cum, best_n, best_err = 0, 0, target
-    for n, c in enumerate(cands, 1):
-        cum += c[1]
-        if abs(cum - target) < best_err:
-            best_n, best_err = n, abs(cum - target)
+def _adaptive_prefix(cands: list, groups: list[GroupSet], n: int) -> dict[str, torch.Tensor]:
     gone: dict[str, set[int]] = {gs.name: set() for gs in groups}
-    for c in cands[:best_n]:
+    for c in cands[:n]:
         gone[c[2]].update(c[3])
     return {gs.name: torch.tensor([i for i in range(gs.units) if i not in gone[gs.name]],
                                   dtype=torch.long) for gs in groups if gone[gs.name]}
+
+
+def adaptive_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
+                  modules: Mapping[str, nn.Module], target: float) -> dict[str, torch.Tensor]:
+    """Global removal by standardized score until the removed parameters (exactly counted)
+    come closest to ``target`` (a count)."""
+    cands = []
+    for gs in groups:
+        cands += _candidates(gs, standardize(scores[gs.name]), params_per_unit(gs, modules))
+    cands.sort(key=lambda c: c[0])  # stable: a set's candidates keep their own order
+    removed = lambda n: removed_params(groups, modules, _adaptive_prefix(cands, groups, n))  # noqa: E731
+    lo, hi = 0, len(cands)  # smallest prefix removing >= target, by bisection (monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((n for n in (lo - 1, lo) if 0 <= n <= len(cands)),
+               key=lambda n: abs(removed(n) - target))
+    return _adaptive_prefix(cands, groups, best)
