@@ -108,7 +108,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
                     bias_compensation=args.bias_compensation, calib=args.calib,
                     eval=args.eval, out=args.out, device=args.device, seed=args.seed,
                     speed=args.speed, eval_dense=not args.skip_dense_eval,
-                    save_model=not args.no_save)
+                    save_model=not args.no_save, recover_steps=args.recover_steps,
+                    recover_text=args.recover_text, recover_lr=args.recover_lr)
     try:
         report = run_shrink(job)
     except (ValueError, FileNotFoundError) as err:
@@ -130,7 +131,9 @@ def _print_shrink_summary(report: dict) -> None:
     table.add_row("parameters", f"{report['params_before']:,} -> {report['params_after']:,}")
     for source, ppl in report.get("pruned_ppl", {}).items():
         dense = report.get("dense_ppl", {}).get(source)
-        table.add_row(f"{source} ppl", (f"{dense:.2f} -> " if dense else "") + f"{ppl:.2f}")
+        recovered = report.get("recovered_ppl", {}).get(source)
+        table.add_row(f"{source} ppl", (f"{dense:.2f} -> " if dense else "") + f"{ppl:.2f}"
+                      + (f" -> {recovered:.2f} (recovered)" if recovered else ""))
     for key in ("prefill_tokens_per_s", "generate_tokens_per_s"):
         if "pruned_speed" in report:
             a, b = report["dense_speed"][key], report["pruned_speed"][key]
@@ -247,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     sh.add_argument("--speed", action="store_true",
                     help="measure prefill and generation tokens/s before and after")
+    sh.add_argument("--recover-steps", type=int, default=0,
+                    help="LoRA recovery steps after pruning (rank 8, alpha 16, merged); 0: none")
+    sh.add_argument("--recover-text", default="ptb:256x128",
+                    help="recovery text SOURCE:NxL (training split)")
+    sh.add_argument("--recover-lr", type=float, default=1e-4, help="LoRA learning rate")
     sh.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
     sh.add_argument("--no-save", action="store_true", help="do not save the pruned model")
     sh.set_defaults(func=cmd_shrink)

@@ -360,9 +360,12 @@ def test_shrink_cli_end_to_end(tmp_path, data_root):
     out = tmp_path / "run"
     assert main(["shrink", "--model", "tiny-llama", "--criterion", "flap", "--bias-compensation",
                  "--fraction", "0.3", "--calib", "ptb:4x64", "--eval", "wikitext2:4x64,ptb:4x64",
-                 "--out", str(out), "--heads", "query"]) == 0
+                 "--out", str(out), "--heads", "query", "--recover-steps", "3",
+                 "--recover-text", "ptb:8x32"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "done" and report["loads_with_transformers"] is True
+    assert set(report["recovered_ppl"]) == {"wikitext2", "ptb"}
+    assert report["recovery"]["config"]["steps"] == 3
     assert abs(report["decoder_removed"] - 0.3) < 0.05
     assert set(report["pruned_ppl"]) == {"wikitext2", "ptb"}
     from transformers import AutoModelForCausalLM
@@ -468,3 +471,41 @@ def test_cnn_criteria_shrink_to_the_fraction_and_taylor_uses_labels():
             assert abs(report.decoder_removed - 0.4) < 0.02, (crit, alloc)
             assert sum(p.numel() for p in model.parameters()) == report.params_after < before
             assert model(calib[0][0]).shape == (8, 10)
+
+
+# ---- recovery ------------------------------------------------------------------------------
+
+def test_lora_recovery_lowers_loss_and_keeps_unstructured_sparsity():
+    from fedprune.prune.structured.recovery import LoraRecoveryConfig, lora_recover
+
+    model = tiny_llama(0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # 50% unstructured sparsity in every block layer
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.mul_((torch.rand(p.shape, generator=gen) > 0.5).float())
+    zeros = {n: (p == 0) for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2}
+    train = torch.randint(0, 256, (8, 32), generator=gen)
+    merged, report = lora_recover(model, train, LoraRecoveryConfig(steps=25, lr=3e-3,
+                                                                    keep_masks=True))
+    assert type(merged).__name__ == "LlamaForCausalLM"  # merged: no peft wrapper left
+    assert report["train_loss_after"] < report["train_loss_before"] - 0.05
+    params = dict(merged.named_parameters())
+    assert all(torch.equal(params[n] == 0, z) for n, z in zeros.items())
+
+
+def test_lora_recovery_merges_into_a_structurally_pruned_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fedprune.prune.structured.recovery import LoraRecoveryConfig, lora_recover
+
+    model = tiny_llama(0)
+    shrink(model, StructuredConfig("l2", "uniform", 0.3), None)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    train = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    merged, report = lora_recover(model, train, LoraRecoveryConfig(steps=10, lr=3e-3))
+    assert {n: p.shape for n, p in merged.named_parameters()} == shapes
+    assert report["train_loss_after"] < report["train_loss_before"]
+    save_pruned(merged, tmp_path)
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path), x), _out(merged, x))

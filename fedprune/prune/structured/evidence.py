@@ -171,7 +171,7 @@ class BetaStats:
         mean = self.out_sum / self.samples
         return (self.out_sq / self.samples - mean * mean).clamp_min(0).sqrt()
 
-    def __add__(self, other: "BetaStats") -> "BetaStats":
+    def __add__(self, other: BetaStats) -> BetaStats:
         return BetaStats(self.in_sum + other.in_sum, self.in_sq + other.in_sq,
                          self.in_count + other.in_count, self.out_sum + other.out_sum,
                          self.out_sq + other.out_sq, self.samples + other.samples)

@@ -1,7 +1,7 @@
 """`fedprune shrink`: structured (width) or depth pruning of a causal LM, evaluated and saved.
 
 load -> (dense perplexity, dense speed) -> calibration windows -> shrink / remove blocks ->
-perplexity, speed -> ``save_pretrained``. ``report.json`` is rewritten after every phase, so
+perplexity, speed -> (LoRA recovery, merged; perplexity again) -> ``save_pretrained``. ``report.json`` is rewritten after every phase, so
 an interrupted run keeps what it measured. The saved model loads with plain
 ``AutoModelForCausalLM.from_pretrained`` when its shapes are uniform (the report says
 ``loads_with_transformers``), else with ``fedprune.prune.structured.load_pruned``.
@@ -23,6 +23,7 @@ from ..adapters import adapter_for
 from .depth import DEPTH_PRESETS, DepthConfig, prune_depth
 from .io import loads_plainly, save_pruned
 from .job import StructuredConfig, decoder_params, shrink
+from .recovery import LoraRecoveryConfig, lora_recover
 
 MODES = ("width", "depth")
 
@@ -45,6 +46,9 @@ class ShrinkJob:
     device: str = "auto"
     seed: int = 0
     speed: bool = False  # measure prefill/generation tokens/s before and after
+    recover_steps: int = 0  # LoRA recovery steps after pruning (0: none)
+    recover_text: str = "ptb:256x128"  # recovery windows (calibration split of the source)
+    recover_lr: float = 1e-4
     eval_dense: bool = True
     save_model: bool = True
 
@@ -65,6 +69,12 @@ class ShrinkJob:
         parse_spec(self.calib)
         for spec in self.eval_specs():
             parse_spec(spec)
+        if self.recover_steps:
+            parse_spec(self.recover_text)
+            self.recovery_config()
+
+    def recovery_config(self) -> LoraRecoveryConfig:
+        return LoraRecoveryConfig(steps=self.recover_steps, lr=self.recover_lr)
 
     def eval_specs(self) -> list[str]:
         return [s.strip() for s in self.eval.split(",") if s.strip()]
@@ -133,6 +143,13 @@ def run_shrink(job: ShrinkJob) -> dict[str, Any]:
                                                                      device))
     if job.speed:
         d["pruned_speed"] = rep.timed("speed_pruned", lambda: measure_speed(model))
+    if job.recover_steps:
+        train = calibration_batches(tokenizer, job.recover_text, job.seed + 1)
+        model, d["recovery"] = rep.timed("recover", lambda: lora_recover(
+            model, train, job.recovery_config()))
+        if job.eval_specs():
+            d["recovered_ppl"] = rep.timed("eval_recovered",
+                                           lambda: _evaluate(model, tokenizer, job, device))
     if job.save_model:
         rep.timed("save", lambda: save_pruned(model, Path(job.out) / "model", tokenizer))
         d["loads_with_transformers"] = loads_plainly(model.config)

@@ -170,7 +170,7 @@ def adaptive_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
     for gs in groups:
         cands += _candidates(gs, standardize(scores[gs.name]), params_per_unit(gs, modules))
     cands.sort(key=lambda c: c[0])  # stable: a set's candidates keep their own order
-    removed = lambda n: removed_params(groups, modules, _adaptive_prefix(cands, groups, n))  # noqa: E731
+    removed = lambda n: removed_params(groups, modules, _adaptive_prefix(cands, groups, n))
     lo, hi = 0, len(cands)  # smallest prefix removing >= target, by bisection (monotone)
     while lo < hi:
         mid = (lo + hi) // 2
