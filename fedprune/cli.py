@@ -105,7 +105,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     job = ShrinkJob(model=args.model, mode=args.mode, criterion=args.criterion,
                     fraction=args.fraction, allocation=args.allocation, prune=args.prune,
                     heads=args.heads, skip_first=args.skip_first, skip_last=args.skip_last,
-                    bias_compensation=args.bias_compensation, calib=args.calib,
+                    bias_compensation=args.bias_compensation, round_to=args.round_to,
+                    calib=args.calib,
                     eval=args.eval, out=args.out, device=args.device, seed=args.seed,
                     speed=args.speed, eval_dense=not args.skip_dense_eval,
                     save_model=not args.no_save, recover_steps=args.recover_steps,
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--skip-last", type=int, default=0, help="blocks left whole at the end")
     sh.add_argument("--bias-compensation", action="store_true",
                     help="FLAP: move removed inputs' mean contribution into the output bias")
+    sh.add_argument("--round-to", type=int, default=32,
+                    help="keep a multiple of this many MLP channels per layer (0: exact)")
     sh.add_argument("--calib", default="ptb:10x128", help="calibration text SOURCE:NxL")
     sh.add_argument("--eval", default="wikitext2:64x512,ptb:64x512",
                     help="comma-separated perplexity specs; '' to skip")

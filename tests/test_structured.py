@@ -509,3 +509,16 @@ def test_lora_recovery_merges_into_a_structurally_pruned_model(tmp_path):
     save_pruned(merged, tmp_path)
     x = torch.randint(0, 256, (1, 12))
     assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path), x), _out(merged, x))
+
+
+def test_round_to_keeps_multiples_of_the_granule():
+    from fedprune.prune.structured.select import round_kept
+
+    assert [round_kept(k, 1536, 32) for k in (1279, 1264, 1263, 10, 1536)] == \
+        [1280, 1280, 1248, 32, 1536]
+    assert round_kept(7, 8, 32) == 7  # a set smaller than the granule is left alone
+    for alloc in ("uniform", "adaptive"):
+        model = tiny_llama(0)
+        report = shrink(model, StructuredConfig("l2", alloc, 0.25, prune="mlp", round_to=32),
+                        None)
+        assert all(s["intermediate"] % 32 == 0 for s in report.layers), report.layers

@@ -29,6 +29,7 @@ from .select import (
     KIND_OF,
     adaptive_keep,
     ratio_for_fraction,
+    rounded,
     total_params,
     uniform_keep,
 )
@@ -48,6 +49,7 @@ class StructuredConfig:
     skip_last: int = 0  # ... and at the end
     bias_compensation: bool = False  # FLAP: removed inputs' mean moved into the bias
     residual: str = "group"  # CNN: channels tied by residual additions pruned together, "skip"
+    round_to: int = 0  # keep a multiple of this many channels per layer (0/1: exact counts)
 
     def __post_init__(self) -> None:
         get_criterion(self.criterion)  # ValueError naming the criteria
@@ -62,6 +64,8 @@ class StructuredConfig:
             raise ConfigError(f"structured.heads={self.heads!r}; choose 'kv' or 'query'")
         if self.residual not in ("group", "skip"):
             raise ConfigError(f"structured.residual={self.residual!r}; choose 'group' or 'skip'")
+        if self.round_to < 0:
+            raise ConfigError(f"structured.round_to={self.round_to} must be >= 0")
         if self.skip_first < 0 or self.skip_last < 0:
             raise ConfigError("structured.skip_first/skip_last must be >= 0")
 
@@ -145,10 +149,11 @@ def plan_keep(model: nn.Module, groups: list[GroupSet], scores: dict[str, torch.
                           f"parameters; pruning {cfg.prune!r} can remove at most "
                           f"{total_params(groups, modules)}")
     if cfg.allocation == "adaptive":
-        return adaptive_keep(groups, scores, modules, target), None
+        keep = adaptive_keep(groups, scores, modules, target)
+        return rounded(groups, scores, keep, cfg.round_to), None
     kinds = KIND_OF[cfg.prune]
-    ratio = ratio_for_fraction(groups, modules, target, kinds)
-    return uniform_keep(groups, scores, {k: ratio for k in kinds}), ratio
+    ratio = ratio_for_fraction(groups, modules, target, kinds, round_to=cfg.round_to)
+    return uniform_keep(groups, scores, {k: ratio for k in kinds}, cfg.round_to), ratio
 
 
 def shrink(model: nn.Module, cfg: StructuredConfig, calib: Any = None,

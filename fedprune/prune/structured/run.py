@@ -40,6 +40,7 @@ class ShrinkJob:
     skip_first: int = 0
     skip_last: int = 0
     bias_compensation: bool = False
+    round_to: int = 32  # kept channels per layer a multiple of this (fast GEMM shapes)
     calib: str = "ptb:10x128"  # LLM-Pruner: 10 samples of 64 tokens; Shortened LLaMA 10x128
     eval: str = "wikitext2:64x512,ptb:64x512"  # comma-separated specs; "" to skip
     out: str = "runs/shrink"
@@ -55,7 +56,7 @@ class ShrinkJob:
     def width_config(self) -> StructuredConfig:
         return StructuredConfig(self.criterion, self.allocation, self.fraction, self.prune,
                                 self.heads, self.skip_first, self.skip_last,
-                                self.bias_compensation)
+                                self.bias_compensation, round_to=self.round_to)
 
     def validate(self) -> None:
         if self.mode not in MODES:

@@ -45,10 +45,22 @@ def keep_top(gs: GroupSet, scores: torch.Tensor, remove: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def removal_count(gs: GroupSet, ratio: float, setting: str) -> int:
-    """Units removed from ``gs`` at ``ratio`` (per bucket when bucketed); refuses all."""
+def round_kept(kept: int, units: int, round_to: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``round_to`` (at least one multiple, at
+    most ``units``); sets smaller than ``round_to`` and ``round_to <= 1`` are left alone.
+    Matrix sizes that are multiples of 8-64 run markedly faster on CPUs and GPUs."""
+    if round_to <= 1 or units < round_to or kept == units:
+        return kept
+    return min(units, max(round_to, round(kept / round_to) * round_to))
+
+
+def removal_count(gs: GroupSet, ratio: float, setting: str, round_to: int = 0) -> int:
+    """Units removed from ``gs`` at ``ratio`` (per bucket when bucketed); refuses all.
+    Unbucketed sets keep a multiple of ``round_to`` units."""
     size = gs.bucket or gs.units
     remove = round(ratio * size)
+    if not gs.bucket:
+        remove = size - round_kept(size - remove, size, round_to)
     if remove >= size:
         what = f"every {gs.unit_label} of a key/value group" if gs.bucket else \
             f"every {gs.unit_label}"
@@ -58,14 +70,15 @@ def removal_count(gs: GroupSet, ratio: float, setting: str) -> int:
 
 
 def uniform_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
-                 ratios: Mapping[str, float]) -> dict[str, torch.Tensor]:
+                 ratios: Mapping[str, float], round_to: int = 0) -> dict[str, torch.Tensor]:
     """Keep per group set at the ratio of its kind (``ratios["attn"]``, ``["mlp"]``, ...)."""
     keep = {}
     for gs in groups:
         ratio = ratios.get(gs.kind, 0.0)
         if ratio <= 0:
             continue
-        keep[gs.name] = keep_top(gs, scores[gs.name], removal_count(gs, ratio, f"{gs.kind} ratio"))
+        remove = removal_count(gs, ratio, f"{gs.kind} ratio", round_to)
+        keep[gs.name] = keep_top(gs, scores[gs.name], remove)
     return keep
 
 
@@ -111,7 +124,8 @@ def _first_keep(gs: GroupSet, remove: int) -> torch.Tensor:
 
 
 def ratio_for_fraction(groups: list[GroupSet], modules: Mapping[str, nn.Module],
-                       target: float, kinds: tuple[str, ...], step: float = 0.0025) -> float:
+                       target: float, kinds: tuple[str, ...], step: float = 0.0025,
+                       round_to: int = 0) -> float:
     """The uniform ratio whose removed parameters come closest to ``target`` (a count; only
     ``kinds`` pruned); rounding makes the achieved count a step function of the ratio, so
     candidate ratios are scanned."""
@@ -119,7 +133,8 @@ def ratio_for_fraction(groups: list[GroupSet], modules: Mapping[str, nn.Module],
     best, best_err, r = None, None, 0.0
     while r < 1.0:
         try:
-            keep = {gs.name: _first_keep(gs, removal_count(gs, r, "ratio")) for gs in chosen}
+            keep = {gs.name: _first_keep(gs, removal_count(gs, r, "ratio", round_to))
+                    for gs in chosen}
         except ValueError:
             break
         err = abs(removed_params(chosen, modules, keep) - target)
@@ -160,6 +175,19 @@ def _adaptive_prefix(cands: list, groups: list[GroupSet], n: int) -> dict[str, t
         gone[c[2]].update(c[3])
     return {gs.name: torch.tensor([i for i in range(gs.units) if i not in gone[gs.name]],
                                   dtype=torch.long) for gs in groups if gone[gs.name]}
+
+
+def rounded(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
+            keep: Mapping[str, torch.Tensor], round_to: int) -> dict[str, torch.Tensor]:
+    """``keep`` with every unbucketed set's kept count rounded to a multiple of
+    ``round_to`` (the top-scored units of the set)."""
+    out = dict(keep)
+    for gs in groups:
+        if gs.name not in keep or gs.bucket:
+            continue
+        kept = round_kept(keep[gs.name].numel(), gs.units, round_to)
+        out[gs.name] = keep_top(gs, scores[gs.name], gs.units - kept)
+    return out
 
 
 def adaptive_keep(groups: list[GroupSet], scores: Mapping[str, torch.Tensor],
