@@ -83,7 +83,7 @@ def _run_pooled(tmp_path, overrides, tamper, unreachable=lambda block, pid: Fals
 
     cfg = load_config("default", [*LLM, "data.num_clients=4", f"data.cache_dir={tmp_path}",
                                   *overrides])
-    cls = method_class("pooled")
+    cls = method_class(cfg.method.name)  # pooled unless the overrides name another
     core = cls.make_core(cfg)
     method = cls(cfg, core)
 

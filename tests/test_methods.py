@@ -43,7 +43,8 @@ def _with(msg, key, arrays):
 
 def test_registry_holds_every_method_with_its_three_parts():
     assert method_names() == ["feddst", "fedtiny", "fixed", "gates", "l0-average",
-                              "mask-vote", "pooled", "prunefl", "snip", "synflow"]
+                              "mask-vote", "pooled", "prunefl", "snip", "structured",
+                              "synflow"]
     for name in method_names():
         cls = method_class(name)
         assert issubclass(cls, Method) and cls.name == name == cls.config_cls().name
