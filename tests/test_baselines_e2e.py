@@ -25,6 +25,10 @@ METHODS = {
                        "method.granularity=block", "method.order=reverse"],
     # channel granularity: width-4 layers need a looser target to keep a channel each
     "gates": ["method.name=gates", "method.rounds=2", "method.lam=0.01", "mask.density=0.3"],
+    # channels physically removed after round 2, Taylor evidence from the clients
+    "channel-prune_taylor": ["method.name=channel-prune", "method.criterion=taylor",
+                             "method.prune_round=2", "method.fraction=0.3",
+                             "method.evidence_batches=1"],
 }
 
 
@@ -67,6 +71,9 @@ def test_method_end_to_end(method, tmp_path, data_root):
         assert rows[2]["adjusted_layer"] == "gates" and rows[1]["density"] == 1.0
         assert summary["density"] == pytest.approx(kept / total)
         return
+    if method.startswith("channel-prune"):
+        _check_channel_prune(rows, weights, summary)
+        return
     assert kept == round(0.1 * total)  # exact density
     if method in ("snip", "synflow_vote"):
         record = json.loads((run / "selection.json").read_text())
@@ -83,3 +90,18 @@ def test_method_end_to_end(method, tmp_path, data_root):
                                        "layers.2.0.shortcut.0.weight"]
     else:
         assert moved[0] == "all" and rows[1]["adjusted_k"] > 0
+
+
+def _check_channel_prune(rows, weights, summary):
+    """Round 2 removed channels: later payloads and the saved model are smaller, and the
+    saved tensors load into the registry model shrunk to the recorded channel counts."""
+    from fedprune.config import ModelConfig
+    from fedprune.models import build_model
+
+    assert [r["adjusted_layer"] for r in rows[1:]] == ["", "channels", ""]
+    assert rows[3]["bytes_down_per_client"] < rows[1]["bytes_down_per_client"]
+    dense = build_model(ModelConfig(name="resnet8", width=4), "cifar10")
+    n_dense = sum(p.numel() for p in dense.parameters())
+    n_saved = sum(v.size for k, v in weights.items() if "running" not in k and
+                  "num_batches" not in k)
+    assert 0.6 * n_dense < n_saved < 0.8 * n_dense  # fraction 0.3 of the parameters

@@ -42,7 +42,8 @@ def _with(msg, key, arrays):
 
 
 def test_registry_holds_every_method_with_its_three_parts():
-    assert method_names() == ["feddst", "fedtiny", "fixed", "gates", "l0-average",
+    assert method_names() == ["channel-prune", "feddst", "fedtiny", "fixed", "gates",
+                              "l0-average",
                               "mask-vote", "pooled", "prunefl", "snip", "structured",
                               "synflow"]
     for name in method_names():

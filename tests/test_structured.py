@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fedprune.config import load_config
 from fedprune.lm.tiny_models import TINY_FACTORIES, tiny_llama
 from fedprune.prune.adapters import adapter_for
 from fedprune.prune.base import LayerStats
@@ -522,3 +524,33 @@ def test_round_to_keeps_multiples_of_the_granule():
         report = shrink(model, StructuredConfig("l2", alloc, 0.25, prune="mlp", round_to=32),
                         None)
         assert all(s["intermediate"] % 32 == 0 for s in report.layers), report.layers
+
+
+def test_channel_pruned_run_state_survives_a_checkpoint_and_reaches_the_clients(data_root):
+    """The server removes channels mid-run; a resumed server rebuilds the shapes from the
+    method's state before loading the checkpoint; a client builds its model from the
+    payload's channel counts and decodes the global weights strictly."""
+    from fedprune.fl.client_core import prepare_model
+    from fedprune.fl.server_core import SparseServer
+    from fedprune.methods import method_class
+
+    cfg = load_config("default", ["method.name=channel-prune", "model.width=4",
+                                  "mask.density=0.5", "data.num_clients=2"])
+    core = SparseServer(cfg)
+    method = method_class("channel-prune")(cfg, core)
+    groups = adapter_for(core.model).structure_groups(core.model)
+    keep = {gs.name: torch.randperm(gs.units, generator=torch.Generator().manual_seed(0))
+            [:max(1, gs.units // 2)] for gs in groups}
+    core.restructure_({n: int(k.numel()) for n, k in keep.items()}, keep)
+    assert all(np.all(core.state[n][~m] == 0) for n, m in core.masks.items())
+    saved = method.state_dict()
+    assert set(saved) == {f"channels/{gs.name}" for gs in groups}
+
+    resumed = SparseServer(cfg)
+    method_class("channel-prune")(cfg, resumed).load_state_dict(saved)
+    resumed.set_masks({n: torch.from_numpy(m) for n, m in core.masks.items()}, core.state)
+    assert all(np.array_equal(resumed.state[k], v) for k, v in core.state.items())
+    model, masks = prepare_model(cfg, resumed.encode_down(resumed.state))
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert all(np.array_equal(state[k], v) for k, v in core.state.items())
+    assert all(np.array_equal(masks[k], v) for k, v in core.masks.items())

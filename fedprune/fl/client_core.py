@@ -18,7 +18,7 @@ from ..data import client_split, make_loader
 from ..masks import wire
 from ..models import build_model
 from ..train import evaluate, select_device, train_local
-from .server_core import load_state_, model_state
+from .server_core import CHANNELS, load_state_, model_state
 
 
 def client_method(cfg: ExperimentConfig):
@@ -29,8 +29,15 @@ def client_method(cfg: ExperimentConfig):
 
 
 def prepare_model(cfg: ExperimentConfig, payload: dict[str, np.ndarray]):
-    """The model with the decoded global weights loaded, and the masks (strict decode)."""
+    """The model with the decoded global weights loaded, and the masks (strict decode).
+    ``channels/`` entries: the server removed channels; the model is built in its shapes."""
     model = build_model(cfg.model, cfg.data.dataset)
+    channels = {k[len(CHANNELS):]: int(v) for k, v in payload.items() if k.startswith(CHANNELS)}
+    if channels:
+        from ..prune.structured.io import shrink_cnn_
+
+        shrink_cnn_(model, channels, "server payload")
+        payload = {k: v for k, v in payload.items() if not k.startswith(CHANNELS)}
     template = wire.template_of(model_state(model))
     state, masks = wire.decode_down(payload, template, client="server")
     load_state_(model, state)

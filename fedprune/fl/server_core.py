@@ -19,6 +19,9 @@ from ..train import evaluate, select_device
 from .aggregate import weighted_average
 
 
+CHANNELS = "channels/"  # payload entries: a pruned channel space's kept count
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -52,6 +55,7 @@ class SparseServer:
         self.masks = {k: v.cpu().numpy().astype(bool) for k, v in masks.items()}
         self.state = model_state(self.model)
         self.template = wire.template_of(self.state)
+        self.channels: dict[str, int] = {}  # channel spaces physically pruned, kept counts
         self._test = None
 
     def set_masks(self, masks: dict[str, torch.Tensor], state: dict[str, np.ndarray]) -> None:
@@ -62,9 +66,42 @@ class SparseServer:
         apply_masks_(self.model, self.masks_t)
         self.state = model_state(self.model)
 
+    def restructure_(self, channels: dict[str, int], keep: dict[str, torch.Tensor] | None = None
+                     ) -> None:
+        """Remove channels physically (``fedprune.prune.structured``): the model, its masks,
+        the global state and the wire template all take the smaller shapes. ``keep``: which
+        channels of each space stay (default: the first ``channels[name]``, the layout of a
+        checkpoint that already holds the smaller tensors)."""
+        import copy
+
+        from ..prune.adapters import adapter_for
+        from ..prune.structured.surgery import remove_units_
+
+        groups = adapter_for(self.model).structure_groups(self.model)
+        keep = keep or {n: torch.arange(int(c)) for n, c in channels.items()}
+        holder = copy.deepcopy(self.model)  # the masks ride through the same surgery
+        params = dict(holder.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks_t.items():
+                params[name].copy_(mask.float())
+        remove_units_(holder, groups, keep)
+        remove_units_(self.model, groups, keep)
+        shrunk = dict(holder.named_parameters())
+        self.masks_t = {n: shrunk[n].detach() != 0 for n in self.masks_t}
+        self.masks = {k: v.numpy() for k, v in self.masks_t.items()}
+        apply_masks_(self.model, self.masks_t)
+        self.state = model_state(self.model)
+        self.template = wire.template_of(self.state)
+        self.channels = {**self.channels, **{n: int(k.numel()) for n, k in keep.items()}}
+
     # ------------------------------------------------------------------ wire
     def encode_down(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return wire.encode_down(state, self.masks)
+        """The global state under the mask, plus the kept channel counts once channels
+        were removed (the client builds its model in those shapes)."""
+        payload = wire.encode_down(state, self.masks)
+        payload.update({f"{CHANNELS}{n}": np.array(c, np.int64)
+                        for n, c in self.channels.items()})
+        return payload
 
     def decode_reply(self, payload: dict[str, np.ndarray], client: str) -> dict[str, np.ndarray]:
         """Dense state from a client's kept values; raises ``wire.WireError``."""

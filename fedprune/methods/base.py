@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # imported for annotations only: these import this module's u
 
 # Modules that register the built-in methods (imported on first lookup, so that the
 # config module can use the registry without importing torch-heavy code at start-up).
-BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates", "pooled", "local", "structured")
+BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates", "pooled", "local", "structured",
+           "channels")
 
 
 @dataclass

@@ -143,16 +143,24 @@ def load_cnn(path: str | Path) -> nn.Module:
     arch = meta["arch"]
     model = build_model(ModelConfig(name=arch["name"], width=arch["width"],
                                     num_classes=arch.get("num_classes", 10)), arch["dataset"])
-    groups = adapter_for(model).structure_groups(model)
-    known = {gs.name: gs for gs in groups}
-    unknown = sorted(set(meta["channels"]) - set(known))
-    if unknown:
-        raise ValueError(f"{path}: channel spaces {unknown} do not exist in {arch['name']}")
-    keep = {name: torch.arange(n) for name, n in meta["channels"].items()}
-    for name, n in meta["channels"].items():
-        if n > known[name].units:
-            raise ValueError(f"{path}: {name} keeps {n} channels; the model has "
-                             f"{known[name].units}")
-    remove_units_(model, groups, keep)
+    shrink_cnn_(model, meta["channels"], str(path))
     model.load_state_dict(load_file(str(path / SAFETENSORS)), strict=True)
     return model.eval()
+
+
+def shrink_cnn_(model: nn.Module, channels: dict[str, int], source: str = "channels",
+                residual: str = "group") -> None:
+    """Give a freshly built CNN the shapes of a channel-pruned one: every channel space
+    named in ``channels`` keeps its first that many channels (the tensors loaded next
+    decide their values)."""
+    groups = adapter_for(model).structure_groups(model, residual=residual)
+    known = {gs.name: gs for gs in groups}
+    unknown = sorted(set(channels) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: channel spaces {unknown} do not exist in "
+                         f"{type(model).__name__}")
+    for name, n in channels.items():
+        if not 1 <= int(n) <= known[name].units:
+            raise ValueError(f"{source}: {name} keeps {n} channels; the model has "
+                             f"{known[name].units}")
+    remove_units_(model, groups, {name: torch.arange(int(n)) for name, n in channels.items()})
