@@ -53,8 +53,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     first, selection = 1, None
     if resume:
         done, state, masks, method_state, extra = load_checkpoint(run_dir)
+        method.load_state_dict(method_state)  # first: it may change the model's shapes
         core.set_masks({n: torch.from_numpy(m) for n, m in masks.items()}, state)
-        method.load_state_dict(method_state)
         rng = extra["rng"]
         strategy.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
         selection, first = extra.get("selection"), done + 1
