@@ -52,6 +52,13 @@ def check_keep(groups: list[GroupSet], keep: Mapping[str, torch.Tensor]) -> None
                                  f"{counts.tolist()}")
 
 
+def removed_units(gs: GroupSet, kept: torch.Tensor) -> torch.Tensor:
+    """The units of ``gs`` not in ``kept``, ascending."""
+    gone = torch.ones(gs.units, dtype=torch.bool)
+    gone[kept] = False
+    return gone.nonzero().flatten()
+
+
 def _slice_param(module: nn.Module, name: str, dim: int, pos: torch.Tensor) -> None:
     old = getattr(module, name)
     if old is None:
@@ -115,9 +122,7 @@ def mask_units_(model: nn.Module, groups: list[GroupSet],
     for gs in groups:
         if gs.name not in keep:
             continue
-        gone = torch.ones(gs.units, dtype=torch.bool)
-        gone[keep[gs.name]] = False
-        units = gone.nonzero().flatten()
+        units = removed_units(gs, keep[gs.name])
         if units.numel() == 0:
             continue
         for m in gs.members:
@@ -140,9 +145,7 @@ def compensate_bias_(model: nn.Module, groups: list[GroupSet], keep: Mapping[str
     for gs in groups:
         if gs.name not in keep:
             continue
-        gone = torch.ones(gs.units, dtype=torch.bool)
-        gone[keep[gs.name]] = False
-        units = gone.nonzero().flatten()
+        units = removed_units(gs, keep[gs.name])
         for m in gs.stats_members:
             module = modules[m.module]
             if getattr(module, "bias", None) is None:
