@@ -151,7 +151,8 @@ class SparseFedAvg(FedAvg):
             metrics={"train_loss": Metric("float", low=0.0),
                      "compute_seconds": Metric("float", low=0.0, required=False)},
             records={"arrays": decode}))
-        return spec.merged(ReplySpec(records=dict(plan.replies))) if plan else spec
+        return spec.merged(ReplySpec(records=dict(plan.replies),
+                                     checks=list(plan.checks))) if plan else spec
 
     def base_spec(self) -> ReplySpec:
         """What every reply carries (``query.base_spec``)."""

@@ -541,8 +541,18 @@ def test_channel_pruned_run_state_survives_a_checkpoint_and_reaches_the_clients(
     groups = adapter_for(core.model).structure_groups(core.model)
     keep = {gs.name: torch.randperm(gs.units, generator=torch.Generator().manual_seed(0))
             [:max(1, gs.units // 2)] for gs in groups}
+    before = {n: m.copy() for n, m in core.masks.items()}
     core.restructure_({n: int(k.numel()) for n, k in keep.items()}, keep)
-    assert all(np.all(core.state[n][~m] == 0) for n, m in core.masks.items())
+    # each mask is the old one sliced by the kept output and input channels of its layer
+    kept = {(m.module, m.axis): keep[gs.name].sort().values for gs in groups
+            for m in gs.members}
+    for name, old in before.items():
+        layer = name.removesuffix(".weight")
+        rows = kept.get((layer, "out"), torch.arange(old.shape[0])).numpy()
+        expected = old[rows]
+        if old.ndim > 1:
+            expected = expected[:, kept.get((layer, "in"), torch.arange(old.shape[1])).numpy()]
+        assert np.array_equal(core.masks[name], expected), name
     saved = method.state_dict()
     assert set(saved) == {f"channels/{gs.name}" for gs in groups}
 
@@ -554,3 +564,77 @@ def test_channel_pruned_run_state_survives_a_checkpoint_and_reaches_the_clients(
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     assert all(np.array_equal(state[k], v) for k, v in core.state.items())
     assert all(np.array_equal(masks[k], v) for k, v in core.masks.items())
+
+
+def test_a_layer_in_two_roles_counts_once_per_role():
+    conv = nn.Conv2d(2, 2, 1, bias=False)  # y = x + conv(x): its input and output tied
+    conv.weight.data = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[-4.0]]]])
+    idx = contiguous_index(2, 1)
+    gs = GroupSet("conv:channels", "channels", 0, 2,
+                  (Member("conv", "out", idx), Member("conv", "in", idx)))
+    # channel 0: row 0 (1 + 2) + column 0 (1 + 3) = 7; channel 1: row 1 (3 + 4) + col 1 (2 + 4)
+    assert get_criterion("l1").scores(gs, {"conv": conv}, Evidence()).tolist() == [7.0, 13.0]
+
+
+def test_channels_behind_an_unfollowed_flatten_are_left_whole():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))  # a's channels: a plain, prunable space
+            return self.head(y.flatten(2).mean(-1)[:, :4])  # b's: flatten(2), then unknown
+
+    names = [gs.name for gs in adapter_for(Odd()).structure_groups(Odd())]
+    assert names == ["a:channels"]
+
+
+def test_bias_compensation_on_a_family_that_hard_codes_no_bias_loads_exactly(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2,
+                                         tie_word_embeddings=False)).eval()
+    calib = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))]
+    shrink(model, StructuredConfig("flap", "uniform", 0.3, bias_compensation=True), calib)
+    assert model.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0  # compensated
+    assert not loads_plainly(model.config)  # Qwen2 builds o_proj and the MLP without bias
+    save_pruned(model, tmp_path)
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.equal(_out(load_pruned(tmp_path), x), _out(model, x))
+
+
+def test_clients_channel_evidence_adds_up_to_the_union(data_root):
+    from fedprune.methods.channels import ChannelPrune, _EvidenceHooks
+    from fedprune.prune.structured.evidence import (classification_loss, collect_beta_stats,
+                                                    collect_gradients)
+
+    for criterion in ("taylor-second", "beta-rank"):
+        cfg = load_config("default", ["method.name=channel-prune", "model.width=4",
+                                      f"method.criterion={criterion}",
+                                      "method.evidence_batches=2"])
+        model = _cnn("resnet8")
+        gen = torch.Generator().manual_seed(2)
+        data = [[(torch.randn(4, 3, 32, 32, generator=gen),
+                  torch.randint(0, 10, (4,), generator=gen)) for _ in range(2)]
+                for _ in range(2)]  # two clients, two batches each
+        parts = [_EvidenceHooks(cfg, model, "cpu").finish(d)[1]["evidence"] for d in data]
+        fed = ChannelPrune._evidence(parts)
+        union = [b for d in data for b in d]
+        if criterion == "beta-rank":
+            central = collect_beta_stats(model, union, list(fed.beta))
+            for name, b in central.items():
+                assert torch.allclose(fed.beta[name].sigma_out(), b.sigma_out(), rtol=1e-6)
+                assert torch.allclose(fed.beta[name].sigma_in(), b.sigma_in(), rtol=1e-6)
+            continue
+        central = collect_gradients(model, union, list(fed.grads.grad_sum), True,
+                                    classification_loss)
+        for name in central.grad_sum:  # float32 on the wire
+            assert torch.allclose(fed.grads.grad(name), central.grad(name), rtol=1e-5,
+                                  atol=1e-9)
+            assert torch.allclose(fed.grads.fisher(name), central.fisher(name), rtol=1e-5,
+                                  atol=1e-12)

@@ -87,7 +87,7 @@ class SparseServer:
         remove_units_(holder, groups, keep)
         remove_units_(self.model, groups, keep)
         shrunk = dict(holder.named_parameters())
-        self.masks_t = {n: shrunk[n].detach() != 0 for n in self.masks_t}
+        self.masks_t = {n: shrunk[n].detach().cpu() != 0 for n in self.masks_t}
         self.masks = {k: v.numpy() for k, v in self.masks_t.items()}
         apply_masks_(self.model, self.masks_t)
         self.state = model_state(self.model)

@@ -45,7 +45,8 @@ BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates", "pooled", "local", 
 @dataclass
 class Plan:
     """One round's plan: config entries and extra arrays sent down, and what each reply
-    must carry besides the model (record name -> decoder, checked by the validation layer).
+    must carry besides the model (record name -> decoder, checked by the validation layer),
+    and ``checks`` across a whole reply (e.g. counts against its example count).
     ``own_masks``: replies carry the client's own mask and values (encode_down) instead of
     values under the global mask."""
 
@@ -53,6 +54,7 @@ class Plan:
     records: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     replies: dict[str, Decoder] = field(default_factory=dict)
     own_masks: bool = False
+    checks: list[Callable[[Checked], None]] = field(default_factory=list)
 
 
 @dataclass

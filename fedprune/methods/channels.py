@@ -13,7 +13,10 @@ sends, computed on the global model it received (before its local training) over
 first ``method.evidence_batches`` training batches, the plain sums the criterion needs
 (gradient sums of the grouped layers' weights with the example count; Beta-Rank's input and
 output spread sums of the producing layers). The server adds them up (the evidence of the
-union of the clients' batches) and scores the aggregate of the round with it. Allocation as
+union of the clients' batches) and scores the aggregate of the round with it: the evidence
+describes the model the clients received at the start of the round, the weights it
+multiplies are the round's aggregate (one round of training apart; computing the evidence
+on the aggregate itself would cost one more round of messages). Allocation as
 ``fedprune shrink``: the same ratio per channel space, or adaptive.
 """
 
@@ -146,7 +149,31 @@ class ChannelPrune(Method):
         grads, beta = _evidence_layers(self.core.model, self.options)
         if not (grads or beta):
             return Plan()  # data-free criterion: the server decides alone
-        return Plan(config={EVIDENCE: 1}, replies={EVIDENCE: self._decoder(grads, beta)})
+        return Plan(config={EVIDENCE: 1}, replies={EVIDENCE: self._decoder(grads, beta)},
+                    checks=[self._counts_match(beta)])
+
+    def _counts_match(self, beta: list[str]):
+        """A client's evidence covers ``evidence_batches`` of its batches (all its images if
+        it has fewer), and each Beta-Rank patch count is those images x the patch size:
+        a wrong count would rescale every client's sums."""
+        modules = dict(self.core.model.named_modules())
+        per_image = {n: modules[n].weight[0].numel() for n in beta}  # in/g * kh * kw, or in
+        quota = self.options.evidence_batches * self.cfg.train.batch_size
+
+        def check(reply) -> None:
+            arrays = reply.records[EVIDENCE]
+            want = min(quota, reply.examples)
+            if int(arrays["examples"]) != want:
+                raise ReplyError(reply.client, f"{EVIDENCE}/examples", f"{int(arrays['examples'])}"
+                                 f" images, expected {want} ({self.options.evidence_batches} "
+                                 f"batches of {self.cfg.train.batch_size}, {reply.examples} "
+                                 "in the partition)")
+            for name in beta:
+                got = int(arrays[f"beta/{name}/in_count"])
+                if got != want * per_image[name]:
+                    raise ReplyError(reply.client, f"{EVIDENCE}/beta/{name}/in_count",
+                                     f"{got}, expected {want} images x {per_image[name]}")
+        return check
 
     def _decoder(self, grads: list[str], beta: list[str]):
         """Finite sums of the right shapes; squared sums non-negative; counts bounded."""
@@ -174,8 +201,9 @@ class ChannelPrune(Method):
         from ..models.registry import input_shape
         from ..prune.structured.evidence import collect_beta_stats
 
+        device = next(self.core.model.parameters()).device
         probe = torch.zeros(1, *input_shape(self.cfg.data.dataset))
-        b = collect_beta_stats(self.core.model, [probe], [name])[name]
+        b = collect_beta_stats(self.core.model, [probe], [name], device)[name]
         return tuple(b.out_sum.shape)
 
     def combine(self, server_round, plan, replies, aggregated):

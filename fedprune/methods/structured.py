@@ -6,7 +6,8 @@ and MLP's output projection (squared column sums, column sums, row counts); for 
 criteria the gradient sums ``sum_j n_j g_j`` of every grouped layer's weight (and, for the
 second-order ones, ``sum_j g_j^2``) with the token and sample counts; for L1/L2 nothing.
 All are plain sums, so the server's total equals the evidence of the union of the clients'
-text. The server runs ``shrink`` on the summed evidence (the same code as ``fedprune
+text (statistics exactly: float64 on the wire; gradient sums up to their float32 rounding
+on the wire, which the tests bound at 1e-4 relative in the resulting logits). The server runs ``shrink`` on the summed evidence (the same code as ``fedprune
 shrink``): one consensus structure, physically removed; the smaller model is saved with
 ``save_pretrained`` (plain transformers when its shapes are uniform).
 

@@ -113,11 +113,13 @@ def channel_spaces(model: nn.Module) -> tuple[_Spaces, list[int]]:
             of[node] = (spaces.union(ins[0][0], ins[1][0]), ins[0][1] or ins[1][1])
         elif node.op == "call_function" and node.target in _PASS_FUNCTIONS and ins:
             of[node] = ins[0]
-        elif node.op == "call_function" and node.target in _FLATTENS and ins:
+        elif node.op == "call_function" and node.target in _FLATTENS and ins \
+                and _flattens_channels(node):
             of[node] = (ins[0][0], True)
         elif node.op == "call_method" and node.target in _PASS_METHODS and ins:
             of[node] = ins[0]
-        elif node.op == "call_method" and node.target == "flatten" and ins:
+        elif node.op == "call_method" and node.target == "flatten" and ins \
+                and _flattens_channels(node):
             of[node] = (ins[0][0], True)
         elif node.op in ("get_attr",):
             continue
@@ -131,8 +133,23 @@ def channel_spaces(model: nn.Module) -> tuple[_Spaces, list[int]]:
     return spaces, list(range(len(spaces.parent)))
 
 
+def _flattens_channels(node) -> bool:
+    """``flatten(x, 1)`` (channels first, then positions): a following linear layer reads
+    channel c at inputs c*S .. c*S+S-1. Any other start or end dimension is not followed."""
+    args = list(node.args[1:]) + [None, None]
+    start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+    end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+    return start == 1 and end == -1
+
+
 def _module_step(module: nn.Module, name: str, ins: list, spaces: _Spaces) -> tuple[int, bool]:
     src = ins[0] if ins else (spaces.new(), False)
+    flat = src[1]
+    if flat and not isinstance(module, (nn.Linear, *_PASS_MODULES)):
+        spaces.get(src[0]).frozen = True  # e.g. BatchNorm1d over channel*position features
+        sid = spaces.new()
+        spaces.get(sid).frozen = True
+        return sid, False
     if isinstance(module, (*_CONVS, nn.Linear)):
         grouped = isinstance(module, _CONVS) and module.groups != 1
         space = spaces.get(src[0])
@@ -149,6 +166,8 @@ def _module_step(module: nn.Module, name: str, ins: list, spaces: _Spaces) -> tu
         spaces.get(src[0]).norms.append(name)
         return src
     if isinstance(module, nn.Flatten):
+        if (module.start_dim, module.end_dim) != (1, -1):
+            spaces.get(src[0]).frozen = True
         return src[0], True
     if isinstance(module, _PASS_MODULES) or (isinstance(module, nn.Sequential) and
                                              len(module) == 0):
@@ -161,6 +180,19 @@ def _module_step(module: nn.Module, name: str, ins: list, spaces: _Spaces) -> tu
 
 def _out_channels(module: nn.Module) -> int:
     return module.weight.shape[0]
+
+
+def _consumers_fit(sp: _Space, modules: dict[str, nn.Module], units: int) -> bool:
+    """Every consumer reads exactly ``units`` channels (a linear layer after a flatten: a
+    whole number of positions per channel); else the space is not ours to cut."""
+    if any(_out_channels(modules[p]) != units for p in sp.producers):
+        return False
+    for name, flat in sp.consumers:
+        layer = modules[name]
+        width = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        if (width % units if flat else width != units):
+            return False
+    return True
 
 
 def cnn_groups(model: nn.Module, residual: str = "group") -> list[GroupSet]:
@@ -180,6 +212,8 @@ def cnn_groups(model: nn.Module, residual: str = "group") -> list[GroupSet]:
         if sp.frozen or not sp.producers or (sp.tied and residual == "skip"):
             continue
         units = _out_channels(modules[sp.producers[0]])
+        if not _consumers_fit(sp, modules, units):
+            continue
         members = [Member(p, "out", contiguous_index(units, 1)) for p in sp.producers]
         members += [Member(n, "out", contiguous_index(units, 1)) for n in sp.norms]
         for name, flat in sp.consumers:

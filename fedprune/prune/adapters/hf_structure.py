@@ -255,3 +255,20 @@ def enable_biases_(model: nn.Module, blocks: list[Block]) -> None:
     for key in _BIAS_FLAGS:
         if hasattr(model.config, key):
             setattr(model.config, key, True)
+    if not _stock_builds_biases(model, blocks):
+        model.config.fedprune_biases = True  # e.g. Qwen2's o_proj: loads via load_pruned
+
+
+def _stock_builds_biases(model: nn.Module, blocks: list[Block]) -> bool:
+    """Whether stock transformers, from this config, builds every bias the model now has
+    (Qwen2, Mistral, Gemma hard-code some projections without one, whatever the flags)."""
+    with torch.device("meta"):
+        stock = type(model)(model.config)
+    mods = dict(stock.named_modules())
+    for block in blocks:
+        for name, module in block.module.named_modules():
+            if getattr(module, "bias", None) is None or not hasattr(module, "weight"):
+                continue
+            if getattr(mods.get(block.qualify(name)), "bias", None) is None:
+                return False
+    return True

@@ -60,10 +60,12 @@ class _Skip(nn.Module):
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Sequence[Any]) -> float:
-    """Token-mean next-token loss over ``batches``."""
+    """Token-mean next-token loss over ``batches`` (moved to the model's device)."""
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:
-        loss, n = causal_lm_loss(model, batch)
+        loss, n = causal_lm_loss(model, batch.to(device) if isinstance(batch, torch.Tensor)
+                                 else {k: v.to(device) for k, v in batch.items()})
         total += float(loss) * n
         count += n
     return total / max(count, 1)
@@ -91,7 +93,8 @@ def ppl_scores(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def taylor_scores(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
+def taylor_scores(model: nn.Module, batches: Sequence[Any],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
     """``sum |W * g|`` over each block's weights (every parameter named ``*weight``)."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
@@ -100,7 +103,7 @@ def taylor_scores(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
         for name, module in b.module.named_modules():
             if isinstance(getattr(module, "weight", None), nn.Parameter):
                 owners[b.qualify(name)] = b.index
-    ev = collect_gradients(model, batches, list(owners), second_order=False)
+    ev = collect_gradients(model, batches, list(owners), second_order=False, device=device)
     scores = torch.zeros(len(blocks), dtype=torch.float64)
     modules = dict(model.named_modules())
     for name, idx in owners.items():
@@ -141,7 +144,7 @@ def block_scores(model: nn.Module, criterion: str, batches: Sequence[Any],
     if criterion == "ppl":
         return ppl_scores(model, batches)
     if criterion == "taylor":
-        return taylor_scores(model, batches)
+        return taylor_scores(model, batches, device)
     if criterion == "block-influence":
         return block_influence(model, batches, device)
     raise ValueError(f"depth criterion {criterion!r}; choose one of {DEPTH_CRITERIA}")

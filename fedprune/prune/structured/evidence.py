@@ -197,8 +197,8 @@ def collect_beta_stats(model: nn.Module, batches: Sequence[Any], names: Sequence
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            p = _patches(module, args[0].detach()).double()  # (N, D, L)
-            y = out.detach().double().reshape(out.shape[0], out.shape[1], -1)  # (N, K, L)
+            p = _patches(module, args[0].detach()).double().cpu()  # (N, D, L)
+            y = out.detach().double().cpu().reshape(out.shape[0], out.shape[1], -1)  # (N, K, L)
             s = BetaStats(p.sum((0, 1)), (p * p).sum((0, 1)), p.shape[0] * p.shape[1],
                           y.sum(0), (y * y).sum(0), y.shape[0])
             stats[name] = stats[name] + s if name in stats else s

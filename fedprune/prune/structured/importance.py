@@ -65,14 +65,14 @@ class Evidence:
     beta: Mapping[str, BetaStats] | None = None
 
 
-def unit_scores(gs: GroupSet, per_member: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of position scores over each unit's positions, (units,) float64."""
+def unit_scores(gs: GroupSet, per_member: list[torch.Tensor | None]) -> torch.Tensor:
+    """Sum over members (``per_member[i]``: member i's position scores, or None) of each
+    unit's positions, (units,) float64. A layer that is a member twice (its input and
+    output channels tied by a residual addition) counts once per role."""
     total = torch.zeros(gs.units, dtype=torch.float64)
-    for m in gs.members:
-        if m.module not in per_member:
-            continue
-        pos = per_member[m.module].to(torch.float64).cpu()
-        total += pos[m.index].sum(1)  # (units, width) -> (units,)
+    for m, pos in zip(gs.members, per_member):
+        if pos is not None:
+            total += pos.to(torch.float64).cpu()[m.index].sum(1)  # (units, width) -> (units,)
     return total
 
 
@@ -93,12 +93,8 @@ class Criterion:
 
     def scores(self, gs: GroupSet, modules: Mapping[str, nn.Module], ev: Evidence
                ) -> torch.Tensor:
-        per = {}
-        for m in gs.members:
-            s = self.position_scores(m, modules[m.module], ev)
-            if s is not None:
-                per[m.module] = per.get(m.module, 0) + s
-        if not per:
+        per = [self.position_scores(m, modules[m.module], ev) for m in gs.members]
+        if all(p is None for p in per):
             raise ValueError(f"{self.name}: no member of {gs.name} carries what it reads")
         return unit_scores(gs, per)
 
@@ -128,6 +124,11 @@ def get_criterion(name: str) -> Criterion:
         raise ValueError(f"criterion={name!r} is not registered; choose one of "
                          f"{criterion_names()}")
     return _CRITERIA[name]()
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """Scores are computed on the CPU in float64 (statistics may live on the run device)."""
+    return t.detach().to("cpu", torch.float64)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -218,7 +219,7 @@ class WandaSP(Criterion):
         if stats is None:
             return None
         w = _matrix(module)  # (out, in)
-        rms = (stats.sq_norm / max(stats.rows, 1)).sqrt()  # (in,)
+        rms = (_cpu(stats.sq_norm) / max(stats.rows, 1)).sqrt()  # (in,)
         return _to_positions(module, w.abs().mean(0) * rms)
 
 
@@ -230,7 +231,7 @@ class Flap(Criterion):
         stats = _column_stats(member, module, ev)
         if stats is None:
             return None
-        _, var = stats.col_mean_var()  # (in,)
+        var = _cpu(stats.col_mean_var()[1])  # (in,)
         return _to_positions(module, var * _matrix(module).pow(2).sum(0))
 
 
@@ -244,7 +245,7 @@ class BetaRank(Criterion):
         if ev.beta is None or member.module not in ev.beta:
             raise ValueError(f"beta-rank needs input/output spreads of {member.module!r}")
         b = ev.beta[member.module]
-        s_in, s_out = b.sigma_in(), b.sigma_out()  # (L,), (K, L)
+        s_in, s_out = _cpu(b.sigma_in()), _cpu(b.sigma_out())  # (L,), (K, L)
         varies = s_out > 0
         ratio = torch.where(varies, s_in / s_out.clamp_min(1e-300), torch.zeros_like(s_out))
         beta = ratio.sum(1) / varies.sum(1).clamp_min(1)  # mean over varying positions, (K,)

@@ -32,8 +32,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def loads_plainly(config: Any) -> bool:
-    """Whether stock transformers builds this config's shapes (no ``fedprune_layers``)."""
-    return getattr(config, "fedprune_layers", None) is None
+    """Whether stock transformers builds this config's shapes and biases (no
+    ``fedprune_layers``, no ``fedprune_biases``)."""
+    return (getattr(config, "fedprune_layers", None) is None
+            and not getattr(config, "fedprune_biases", False))
 
 
 def save_pruned(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
@@ -77,6 +79,18 @@ def shrink_to_shapes_(model: nn.Module, shapes: list[dict[str, int]]) -> None:
         remove_units_(model, groups, keep)
 
 
+def _add_saved_biases_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Zero biases where the saved tensors have one and the stock class builds none
+    (FLAP's bias compensation on a family that hard-codes ``bias=False``)."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and module is not None and getattr(module, "bias", None) is None \
+                and hasattr(module, "weight"):
+            module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
+
+
 def _first_units(units: int, bucket: int, want: int, name: str) -> torch.Tensor:
     if want > units:
         raise ValueError(f"{name}: fedprune_layers asks for {want} units, the config builds "
@@ -96,10 +110,11 @@ def load_pruned(path: str | Path, auto_class: Any = None, **config_overrides: An
     config = AutoConfig.from_pretrained(path, **config_overrides)
     if loads_plainly(config):
         return auto_class.from_pretrained(path, config=config)
-    shapes = config.fedprune_layers
     model = auto_class.from_config(config)
-    shrink_to_shapes_(model, shapes)
+    if getattr(config, "fedprune_layers", None) is not None:
+        shrink_to_shapes_(model, config.fedprune_layers)
     state = _state_dict(path)
+    _add_saved_biases_(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tied = tied if isinstance(tied, set) else set(tied)
