@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_value
 from ..fl.replies import ReplyError, ReplySpec, Tensor, tensors
 from ..prune.base import LayerStats
 from .base import ClientMethod, Query, register_method
@@ -46,13 +46,28 @@ class StructuredMethodConfig(LMMethodConfig):
     skip_last: int = 0
     bias_compensation: bool = False
     round_to: int = 32
+    # federated LoRA recovery of the smaller model: rounds of local adapter training
+    # (recover_steps steps per client per round), adapters averaged by example count
+    recover_rounds: int = 0
+    recover_steps: int = 10
+    recover_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_value("method.recover_rounds", self.recover_rounds >= 0, "must be >= 0",
+                    self.recover_rounds)
+        check_value("method.recover_steps", self.recover_steps >= 1, "must be >= 1",
+                    self.recover_steps)
+        check_value("method.recover_lr", self.recover_lr > 0, "must be > 0", self.recover_lr)
         if self.model == "cnn":
             raise ConfigError("method.name=structured prunes a language model; CNN channel "
                               "pruning runs centrally (fedprune.prune.structured.shrink)")
         self.structured()  # ConfigError naming the key
+
+    def recovery(self):
+        from ..prune.structured.recovery import LoraRecoveryConfig
+
+        return LoraRecoveryConfig(steps=self.recover_steps, lr=self.recover_lr, dropout=0.0)
 
     def structured(self):
         from ..prune.structured.job import StructuredConfig
@@ -88,6 +103,8 @@ class StructuredClient(ClientMethod):
     """Compute this client's evidence on its own windows and send it."""
 
     def answer(self, kind, partition_id, payload, config=None):
+        if kind == "structured-recover":
+            return self._recover(partition_id, payload)
         if kind != "structured-evidence":
             return super().answer(kind, partition_id, payload, config)
         from ..fl.oneshot import client_batches, examples, load_dense
@@ -103,6 +120,50 @@ class StructuredClient(ClientMethod):
         model.zero_grad(set_to_none=True)
         return encode_evidence(ev, _stats_layers(groups, scfg)), {
             "num-examples": examples(batches)}
+
+
+    def _recover(self, partition_id, payload):
+        """One round of local adapter training on the server's smaller model (rebuilt here
+        from the dense model with the kept units and biases the payload carries)."""
+        from ..fl.oneshot import client_batches, examples, load_dense
+        from ..prune.structured.recovery import (adapter_state, load_adapter_state_,
+                                                 train_lora_, wrap_lora)
+
+        cfg = self.cfg
+        dense, tokenizer = load_dense(cfg)
+        model = pruned_copy(dense, cfg.method.structured(), payload)
+        rcfg = cfg.method.recovery()
+        peft_model = wrap_lora(model, rcfg, cfg.run.seed)
+        load_adapter_state_(peft_model, {k[5:]: torch.from_numpy(np.asarray(v))
+                                         for k, v in payload.items() if k.startswith("lora/")})
+        batches = client_batches(cfg, partition_id, tokenizer)
+        train_lora_(peft_model, torch.cat(batches), rcfg)
+        return ({f"lora/{k}": v.float().numpy() for k, v in adapter_state(peft_model).items()},
+                {"num-examples": examples(batches)})
+
+
+def pruned_copy(dense, scfg, payload: dict[str, np.ndarray]):
+    """The server's pruned model rebuilt from the dense one: ``keep/<group set>`` unit
+    indices (the same surgery) and ``bias/<layer>`` biases (FLAP's compensation)."""
+    import copy
+
+    from ..prune.adapters import adapter_for
+    from ..prune.structured.job import candidate_groups
+    from ..prune.structured.surgery import remove_units_
+
+    model = copy.deepcopy(dense)
+    groups = candidate_groups(model, scfg)
+    keep = {k[5:]: torch.from_numpy(np.asarray(v, np.int64)) for k, v in payload.items()
+            if k.startswith("keep/")}
+    biases = {k[5:]: v for k, v in payload.items() if k.startswith("bias/")}
+    if biases:
+        adapter_for(model).enable_biases_(model)
+    remove_units_(model, groups, keep)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, value in biases.items():
+            modules[name].bias.copy_(torch.from_numpy(np.asarray(value)))
+    return model
 
 
 def _stats_layers(groups, scfg) -> list[str]:
@@ -137,8 +198,43 @@ class Structured(LMMethod):
             stats_layers, sums, grad_layers, crit.grads == "second"))
         evidence = self._sum([r.records["arrays"] for r in replies], stats_layers)
         report = shrink(core.model, scfg, evidence=evidence, device=core.device)
-        return {"method": self.name, "criterion": scfg.criterion, **report.as_dict(),
-                "contributors": [r.partition for r in replies]}
+        record = {"method": self.name, "criterion": scfg.criterion, **report.as_dict(),
+                  "contributors": [r.partition for r in replies]}
+        if self.options.recover_rounds:
+            record["recovery"] = yield from self._recover(report.keep, stats_layers)
+        return record
+
+    def _recover(self, keep: dict[str, torch.Tensor], stats_layers: list[str]):
+        """Federated LoRA recovery: each round the clients train the adapters a few steps on
+        their own windows and the server averages them by example count (FedAvg of LoRA A
+        and B, as FedIT does); at the end the adapters are merged into the smaller model."""
+        from ..prune.structured.recovery import (adapter_state, load_adapter_state_,
+                                                 merge_lora, wrap_lora)
+
+        core, options = self.core, self.options
+        modules = dict(core.model.named_modules())
+        fixed = {f"keep/{n}": k.numpy().astype(np.int64) for n, k in keep.items()}
+        if options.bias_compensation:
+            fixed.update({f"bias/{n}": modules[n].bias.detach().cpu().numpy()
+                          for n in stats_layers})
+        peft_model = wrap_lora(core.model, options.recovery(), self.cfg.run.seed)
+        state = adapter_state(peft_model)
+        rounds = []
+        for _ in range(options.recover_rounds):
+            spec = ReplySpec(records={"arrays": tensors({f"lora/{k}": Tensor(tuple(v.shape),
+                                                                             "float")
+                                                         for k, v in state.items()})})
+            replies = yield Query("structured-recover", {
+                **fixed, **{f"lora/{k}": v.numpy() for k, v in state.items()}}, spec)
+            total = sum(r.examples for r in replies)
+            state = {k: sum(torch.from_numpy(np.asarray(r.records["arrays"][f"lora/{k}"],
+                                                        np.float64)) * r.examples
+                            for r in replies).float() / total for k in state}
+            rounds.append([r.partition for r in replies])
+        load_adapter_state_(peft_model, state)
+        core.model = merge_lora(peft_model).eval()
+        return {"rounds": options.recover_rounds, "steps": options.recover_steps,
+                "lr": options.recover_lr, "contributors": rounds}
 
     def _spec(self, stats_layers: list[str], sums: bool, grad_layers: list[str],
               second: bool) -> ReplySpec:

@@ -82,6 +82,7 @@ class ShrinkReport:
     ratio: float | None  # the uniform ratio used (None for adaptive)
     layers: list[dict[str, int]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    keep: dict[str, torch.Tensor] = field(default_factory=dict)  # kept units per group set
 
     @property
     def decoder_removed(self) -> float:
@@ -182,4 +183,4 @@ def shrink(model: nn.Module, cfg: StructuredConfig, calib: Any = None,
     times["total"] = time.perf_counter() - t0
     layers = adapter.layer_shapes(model)
     return ShrinkReport(cfg, before, sum(p.numel() for p in model.parameters()), dec_before,
-                        decoder_params(model), ratio, layers, times)
+                        decoder_params(model), ratio, layers, times, keep)

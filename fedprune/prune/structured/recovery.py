@@ -64,12 +64,56 @@ def _mean_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> floa
     return total / count
 
 
+def wrap_lora(model: nn.Module, cfg: LoraRecoveryConfig, seed: int = 0) -> nn.Module:
+    """``model`` with LoRA adapters on every block projection (peft; seeded A, zero B)."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
+                                                lora_dropout=cfg.dropout,
+                                                target_modules=_targets(model), bias="none"))
+
+
+def train_lora_(peft_model: nn.Module, windows: torch.Tensor, cfg: LoraRecoveryConfig,
+                steps: int | None = None) -> float:
+    """``steps`` (default ``cfg.steps``) AdamW steps on batches of ``windows``, cycling;
+    returns the seconds spent. Only the adapters train."""
+    device = next(peft_model.parameters()).device
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
+    batches = itertools.cycle(windows.to(device).split(cfg.batch_size))
+    t0 = time.perf_counter()
+    peft_model.train()
+    for _ in range(cfg.steps if steps is None else steps):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = causal_lm_loss(peft_model, next(batches))
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    return time.perf_counter() - t0
+
+
+def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights (LoRA A and B of every adapted layer), on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state_(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights saved by :func:`adapter_state` (every key, same shapes)."""
+    from peft import set_peft_model_state_dict
+
+    own = adapter_state(peft_model)
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        raise ValueError("adapter weights do not match this model's adapters")
+    set_peft_model_state_dict(peft_model, state)
+
+
 def lora_recover(model: nn.Module, train: torch.Tensor, cfg: LoraRecoveryConfig,
                  heldout: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune LoRA adapters on ``train`` windows (N, L), merge them; returns the merged
     model (same class and shapes as ``model``) and a report (losses before/after)."""
-    from peft import LoraConfig, get_peft_model
-
     targets = _targets(model)
     modules = dict(model.named_modules())
     masks = ({n: modules[n].weight.detach() != 0 for n in targets} if cfg.keep_masks else {})
@@ -81,20 +125,9 @@ def lora_recover(model: nn.Module, train: torch.Tensor, cfg: LoraRecoveryConfig,
     report["train_loss_before"] = _mean_loss(model, train, cfg.batch_size)
     if heldout is not None:
         report["heldout_loss_before"] = _mean_loss(model, heldout.to(device), cfg.batch_size)
-    peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
-                                                  lora_dropout=cfg.dropout,
-                                                  target_modules=targets, bias="none"))
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
-    batches = itertools.cycle(train.split(cfg.batch_size))
-    t0 = time.perf_counter()
-    peft_model.train()
-    for _ in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        loss, _ = causal_lm_loss(peft_model, next(batches))
-        loss.backward()
-        opt.step()
-    report["train_seconds"] = time.perf_counter() - t0
-    merged = _merge(peft_model, masks)
+    peft_model = wrap_lora(model, cfg)
+    report["train_seconds"] = train_lora_(peft_model, train, cfg)
+    merged = merge_lora(peft_model, masks)
     merged.eval()
     report["train_loss_after"] = _mean_loss(merged, train, cfg.batch_size)
     if heldout is not None:
@@ -103,14 +136,16 @@ def lora_recover(model: nn.Module, train: torch.Tensor, cfg: LoraRecoveryConfig,
 
 
 @torch.no_grad()
-def _merge(peft_model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+def merge_lora(peft_model: nn.Module, masks: dict[str, torch.Tensor] | None = None
+               ) -> nn.Module:
     """``merge_and_unload``; with masks, each merged weight is multiplied by its mask (the
     LoRA update lands only where the pruned weight was kept)."""
     merged = peft_model.merge_and_unload()
     modules = dict(merged.named_modules())
-    for name, mask in masks.items():
+    for name, mask in (masks or {}).items():
         modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
     return merged
 
 
-__all__ = ["LoraRecoveryConfig", "lora_recover"]
+__all__ = ["LoraRecoveryConfig", "adapter_state", "load_adapter_state_", "lora_recover",
+           "merge_lora", "train_lora_", "wrap_lora"]
