@@ -122,8 +122,13 @@ def test_federated_lora_recovery_averages_the_clients_adapters(tmp_path, data_ro
     from fedprune.lm.clients import partition_text
     from fedprune.lm.loading import load_causal_lm
     from fedprune.methods.structured import pruned_copy
-    from fedprune.prune.structured.recovery import (adapter_state, load_adapter_state_,
-                                                    merge_lora, train_lora_, wrap_lora)
+    from fedprune.prune.structured.recovery import (
+        adapter_state,
+        load_adapter_state_,
+        merge_lora,
+        train_lora_,
+        wrap_lora,
+    )
 
     extra = ["method.criterion=flap", "method.bias_compensation=true",
              "method.recover_rounds=2", "method.recover_steps=2", "method.recover_lr=0.01"]

@@ -126,8 +126,12 @@ class StructuredClient(ClientMethod):
         """One round of local adapter training on the server's smaller model (rebuilt here
         from the dense model with the kept units and biases the payload carries)."""
         from ..fl.oneshot import client_batches, examples, load_dense
-        from ..prune.structured.recovery import (adapter_state, load_adapter_state_,
-                                                 train_lora_, wrap_lora)
+        from ..prune.structured.recovery import (
+            adapter_state,
+            load_adapter_state_,
+            train_lora_,
+            wrap_lora,
+        )
 
         cfg = self.cfg
         dense, tokenizer = load_dense(cfg)
@@ -208,8 +212,12 @@ class Structured(LMMethod):
         """Federated LoRA recovery: each round the clients train the adapters a few steps on
         their own windows and the server averages them by example count (FedAvg of LoRA A
         and B, as FedIT does); at the end the adapters are merged into the smaller model."""
-        from ..prune.structured.recovery import (adapter_state, load_adapter_state_,
-                                                 merge_lora, wrap_lora)
+        from ..prune.structured.recovery import (
+            adapter_state,
+            load_adapter_state_,
+            merge_lora,
+            wrap_lora,
+        )
 
         core, options = self.core, self.options
         modules = dict(core.model.named_modules())
