@@ -48,7 +48,8 @@ for f in (0.2, 0.35, 0.5):
         ROWS[f"depth-{crit}-{f}"] = {"mode": "depth", "criterion": crit, "fraction": f}
 ROWS["width-taylor-mlp-0.2"] = {"mode": "width", "criterion": "taylor", "fraction": 0.2,
                                 "prune": "mlp"}
-ROWS["width-taylor-heads-0.2"] = {"mode": "width", "criterion": "taylor", "fraction": 0.2,
+# attention holds ~19% of SmolLM2's decoder: heads alone (query heads, kv kept) cannot give 20%
+ROWS["width-taylor-heads-0.1"] = {"mode": "width", "criterion": "taylor", "fraction": 0.1,
                                   "prune": "heads", "heads": "query"}
 ROWS["width-taylor-query-0.2"] = {"mode": "width", "criterion": "taylor", "fraction": 0.2,
                                   "heads": "query"}
@@ -59,7 +60,7 @@ for base in ("width-taylor-0.2", "depth-taylor+-0.2", "width-taylor-0.35", "dept
 def _priority(name: str) -> tuple[int, str]:
     """0.2 rows first (and their recovery and heads/MLP-only variants), then 0.35, then 0.5."""
     settings = ROWS[name]
-    rank = {0.2: 0, 0.35: 2, 0.5: 4}[settings["fraction"]]
+    rank = {0.1: 0, 0.2: 0, 0.35: 2, 0.5: 4}[settings["fraction"]]
     return rank + (1 if settings.get("recover") or "prune" in settings or
                    settings.get("heads") == "query" else 0), name
 
