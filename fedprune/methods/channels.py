@@ -208,7 +208,7 @@ class ChannelPrune(Method):
 
     def combine(self, server_round, plan, replies, aggregated):
         from ..fl.server_core import load_state_
-        from ..prune.structured.importance import get_criterion
+        from ..prune.structured.importance import Evidence, get_criterion
         from ..prune.structured.job import candidate_groups, plan_keep
 
         assert aggregated is not None
@@ -219,7 +219,7 @@ class ChannelPrune(Method):
         groups = candidate_groups(core.model, scfg)
         crit = get_criterion(scfg.criterion)
         modules = dict(core.model.named_modules())
-        scores = {gs.name: crit.scores(gs, modules, evidence or _no_evidence())
+        scores = {gs.name: crit.scores(gs, modules, evidence or Evidence())
                   for gs in groups}
         keep, _ = plan_keep(core.model, groups, scores, scfg)
         before = sum(int(np.asarray(v).size) for v in core.state.values())
@@ -258,8 +258,3 @@ class ChannelPrune(Method):
         if state:
             self.core.restructure_({k[len("channels/"):]: int(v) for k, v in state.items()})
 
-
-def _no_evidence():
-    from ..prune.structured.importance import Evidence
-
-    return Evidence()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
+from .select import first_keep
 from .surgery import remove_units_
 
 SAFETENSORS = "model.safetensors"
@@ -75,7 +76,11 @@ def shrink_to_shapes_(model: nn.Module, shapes: list[dict[str, int]]) -> None:
         keep = {}
         for gs in groups:
             want = shapes[gs.block][key] if gs.kind == "attn" else shapes[gs.block]["intermediate"]
-            keep[gs.name] = _first_units(gs.units, gs.bucket, want, gs.name)
+            if want > gs.units:
+                raise ValueError(f"{gs.name}: fedprune_layers asks for {want} units, the "
+                                 f"config builds only {gs.units}")
+            per_set = want // (gs.units // gs.bucket) if gs.bucket else want
+            keep[gs.name] = first_keep(gs, (gs.bucket or gs.units) - per_set)
         remove_units_(model, groups, keep)
 
 
@@ -89,16 +94,6 @@ def _add_saved_biases_(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         if leaf == "bias" and module is not None and getattr(module, "bias", None) is None \
                 and hasattr(module, "weight"):
             module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
-
-
-def _first_units(units: int, bucket: int, want: int, name: str) -> torch.Tensor:
-    if want > units:
-        raise ValueError(f"{name}: fedprune_layers asks for {want} units, the config builds "
-                         f"only {units}")
-    if not bucket:
-        return torch.arange(want)
-    per = want // (units // bucket)
-    return torch.cat([b * bucket + torch.arange(per) for b in range(units // bucket)])
 
 
 def load_pruned(path: str | Path, auto_class: Any = None, **config_overrides: Any) -> nn.Module:

@@ -115,8 +115,9 @@ def total_params(groups: list[GroupSet], modules: Mapping[str, nn.Module]) -> in
     return sum(sum(p.numel() for p in modules[n].parameters(recurse=False)) for n in names)
 
 
-def _first_keep(gs: GroupSet, remove: int) -> torch.Tensor:
-    """Some keep of the right size (counts are all that parameter counting needs)."""
+def first_keep(gs: GroupSet, remove: int) -> torch.Tensor:
+    """The first units of ``gs`` minus ``remove`` (per bucket when bucketed): a keep of the
+    right size (counts are all that parameter counting and shape rebuilding need)."""
     if not gs.bucket:
         return torch.arange(gs.units - remove)
     return torch.cat([b * gs.bucket + torch.arange(gs.bucket - remove)
@@ -133,7 +134,7 @@ def ratio_for_fraction(groups: list[GroupSet], modules: Mapping[str, nn.Module],
     best, best_err, r = None, None, 0.0
     while r < 1.0:
         try:
-            keep = {gs.name: _first_keep(gs, removal_count(gs, r, "ratio", round_to))
+            keep = {gs.name: first_keep(gs, removal_count(gs, r, "ratio", round_to))
                     for gs in chosen}
         except ValueError:
             break
