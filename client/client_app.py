@@ -1,7 +1,9 @@
 """Flower ClientApp: wires messages to fedprune.fl.client_core (all logic lives there).
 
 The experiment config travels in every message (ConfigRecord key ``fedprune-config``),
-so a client needs nothing but its ``partition-id`` / ``num-partitions`` node config. Query
+so a client needs nothing but its ``partition-id`` / ``num-partitions`` node config; the
+settings a node owns (data root, cache, device, threads, trusted paths) come from its
+node config or environment, never from the server (``fedprune.deploy.node.localize``). Query
 rounds arrive as message type ``query`` naming their kind (``fedprune-query``) and go to
 the configured method's client part, so this app names no method. Injected faults
 (``faults`` section, simulation only) are applied to the honest reply last.
@@ -25,6 +27,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedprune.config import from_yaml
+from fedprune.deploy.node import localize
 from fedprune.fl.client_core import (check_partition, client_evaluate, client_query,
                                      client_train)
 from fedprune.fl.faults import inject
@@ -35,7 +38,7 @@ def secure_answer(msg: Message, context: Context) -> Message:
     """SecAgg+'s masked-vector stage: answer the query, return the encoded vector."""
     ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     conf = ins.config
-    cfg = from_yaml(bytes(conf["fedprune-config"]).decode())
+    cfg = localize(from_yaml(bytes(conf["fedprune-config"]).decode()), context.node_config)
     torch.set_num_threads(cfg.sim.torch_threads)
     pid = int(context.node_config["partition-id"])
     check_partition(cfg, pid, int(context.node_config["num-partitions"]))
@@ -66,7 +69,8 @@ app = ClientApp(mods=[secure_mod])
 def _unpack(msg: Message, context: Context):
     conf = msg.content["config"]
     raw = conf["fedprune-config"]  # UTF-8 YAML bytes (server/records.py)
-    cfg = from_yaml(raw.decode() if isinstance(raw, bytes) else str(raw))
+    cfg = localize(from_yaml(raw.decode() if isinstance(raw, bytes) else str(raw)),
+                   context.node_config)
     torch.set_num_threads(cfg.sim.torch_threads)
     pid = int(context.node_config["partition-id"])
     check_partition(cfg, pid, int(context.node_config["num-partitions"]))

@@ -1,5 +1,6 @@
 """Command line: `fedprune run [CONFIG] [key=value ...]`, `fedprune partition-report`,
-`fedprune prune` (one-shot unstructured), `fedprune shrink` (structured / depth).
+`fedprune prune` (one-shot unstructured), `fedprune shrink` (structured / depth),
+`fedprune certs` (TLS certificates and SuperNode keys for a deployment).
 
 Configs are validated before any work starts; a bad key or value exits with status 2
 and a message naming the key.
@@ -261,7 +262,47 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--skip-dense-eval", action="store_true", help="skip the dense evaluation")
     sh.add_argument("--no-save", action="store_true", help="do not save the pruned model")
     sh.set_defaults(func=cmd_shrink)
+    ce = sub.add_parser("certs", help="CA, SuperLink TLS certificate and SuperNode keys for "
+                                      "a secure deployment (or --check existing ones)")
+    ce.add_argument("--out", default="runs/pki", help="folder for the certificates and keys")
+    ce.add_argument("--hosts", default="127.0.0.1,localhost",
+                    help="comma-separated names/addresses the SuperLink is reached at "
+                         "(its certificate's subject alternative names)")
+    ce.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make")
+    ce.add_argument("--runtime-hosts", default="",
+                    help="comma-separated SuperNode host names whose Runtime API their "
+                         "SuperExec reaches over a network (compose): one certificate each")
+    ce.add_argument("--days", type=float, default=365.0, help="validity of the certificates")
+    ce.add_argument("--check", action="store_true",
+                    help="check the folder instead: in date, signed by its CA, naming the "
+                         "first of --hosts, node keys readable")
+    ce.set_defaults(func=cmd_certs)
     return parser
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .deploy.pki import Pki, PkiError, check_node_key, check_server, make_pki
+
+    hosts = [h for h in args.hosts.split(",") if h]
+    runtime = [h for h in args.runtime_hosts.split(",") if h]
+    try:
+        if args.check:
+            pki = Pki(Path(args.out))
+            check_server(pki, hosts[0] if hosts else "127.0.0.1")
+            for index in range(args.nodes):
+                check_node_key(pki.node_key(index))
+            for host in runtime:
+                check_server(pki, host, None, pki.runtime_cert(host), pki.runtime_key(host))
+            print(f"fedprune certs: {args.out}: server certificate valid for {hosts[:1]}, "
+                  f"{args.nodes} node keys readable")
+            return 0
+        pki = make_pki(args.out, hosts, args.nodes, args.days, runtime_hosts=runtime)
+    except PkiError as err:
+        print(f"fedprune certs: {err}", file=sys.stderr)
+        return 2
+    print(f"fedprune certs: CA, server certificate for {hosts} ({args.days:g} days), "
+          f"{args.nodes} SuperNode keys and a SuperExec secret in {pki.root}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.deploy.node import for_clients
 
 
 def config_record(cfg: ExperimentConfig) -> ConfigRecord:
-    """The experiment config every message carries, as UTF-8 YAML bytes: Flower's strategy
-    start-up log prints a ConfigRecord's strings in full but bytes as '<bytes>'."""
-    return ConfigRecord({"fedprune-config": to_yaml(cfg).encode()})
+    """The experiment config every message carries, as UTF-8 YAML bytes (Flower's strategy
+    start-up log prints a ConfigRecord's strings in full but bytes as '<bytes>'), without
+    the settings each client node owns (fedprune.deploy.node)."""
+    return ConfigRecord({"fedprune-config": to_yaml(for_clients(cfg)).encode()})
 
 
 def record_bytes(record: ArrayRecord) -> int:

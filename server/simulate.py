@@ -31,7 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from fedprune.config import ExperimentConfig, to_yaml
+from fedprune.config import ExperimentConfig, to_yaml, with_absolute_paths
+from fedprune.deploy.node import node_environment
 from fedprune.fl.recorder import write_text
 from fedprune.fl.summary import print_oneshot_summary, print_round, print_summary
 
@@ -63,7 +64,7 @@ def simulate(cfg: ExperimentConfig, run_dir: Path, verbose: bool = False,
     superlink = None
     previous = _exit_on_sigterm()
     try:
-        env = _environment(home)
+        env = _environment(home, cfg)
         port = _free_port()
         superlink = _start_superlink(env, port, run_dir / "superlink.log")
         _write_connection(home, port)
@@ -100,9 +101,10 @@ def _exit_on_sigterm():
 # ----------------------------------------------------------------------------- setup
 
 
-def _environment(home: Path) -> dict[str, str]:
+def _environment(home: Path, cfg: ExperimentConfig) -> dict[str, str]:
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
            "FEDPRUNE_OWNER_PID": str(os.getpid())}  # the ServerApp stops when we are gone
+    env.update(node_environment(with_absolute_paths(cfg)))
     # Flower's entry points (flower-superlink, flower-superexec, flwr-simulation) from
     # this interpreter's environment, whatever PATH says.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

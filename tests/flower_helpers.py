@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+                      RecordDict)
 from flwr.supercore.task_identity import TaskIdentity
 
 
@@ -11,6 +12,16 @@ def set_identity(node_id: int = 0) -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.task_id = 1
     TaskIdentity.node_id = node_id
+
+
+def node_context(cfg, partition_id: int, num_partitions: int) -> Context:
+    """A client's Context as a simulation gives it: its partition, and the node settings
+    (data root, cache, trusted files) of the user's own config (fedprune.deploy.node)."""
+    from fedprune.deploy.node import own_settings
+
+    return Context(run_id=1, node_id=partition_id + 1, state=RecordDict(), run_config={},
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions,
+                                **own_settings(cfg)})
 
 
 def server_message(dst: int, arrays: dict, config: dict, message_type: str = "train") -> Message:

@@ -74,12 +74,12 @@ def _run_pooled(tmp_path, overrides, tamper, unreachable=lambda block, pid: Fals
     """The pooled method's query rounds with 4 real text clients through the real ClientApp
     and query runner (FakeGrid, no Ray); ``tamper(block, pid, metrics, arrays)`` may spoil
     a reply before the server sees it; ``unreachable(block, pid)``: the message is lost."""
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
     from client.client_app import app as client_app
     from fedprune.methods import method_class
     from server.query import base_spec, run_queries
-    from flower_helpers import FakeGrid, error_reply, set_identity
+    from flower_helpers import FakeGrid, error_reply, node_context, set_identity
 
     cfg = load_config("default", [*LLM, "data.num_clients=4", f"data.cache_dir={tmp_path}",
                                   *overrides])
@@ -93,9 +93,7 @@ def _run_pooled(tmp_path, overrides, tamper, unreachable=lambda block, pid: Fals
             return None
         set_identity(msg.metadata.dst_node_id)
         try:  # Flower's runtime turns a ClientApp exception into an error reply
-            out = client_app(msg, Context(run_id=1, node_id=pid + 1, state=RecordDict(),
-                                          run_config={}, node_config={"partition-id": pid,
-                                                                      "num-partitions": 4}))
+            out = client_app(msg, node_context(cfg, pid, 4))
         except ValueError as err:
             return error_reply(msg, str(err))
         metrics = dict(out.content["metrics"])
@@ -248,13 +246,13 @@ def test_layer_sampling_covers_every_block_with_the_quota():
 def test_a_client_mask_with_the_wrong_count_is_rejected(tmp_path, data_root, caplog):
     import logging
 
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
     from client.client_app import app as client_app
     from fedprune.masks import wire
     from fedprune.methods import method_class
     from server.query import base_spec, run_queries
-    from flower_helpers import FakeGrid, set_identity
+    from flower_helpers import FakeGrid, node_context, set_identity
 
     cfg = load_config("default", [*LLM, "method.name=mask-vote", f"data.cache_dir={tmp_path}"])
     cls = method_class("mask-vote")
@@ -263,9 +261,7 @@ def test_a_client_mask_with_the_wrong_count_is_rejected(tmp_path, data_root, cap
     def answer(msg):
         pid = msg.metadata.dst_node_id - 1
         set_identity(msg.metadata.dst_node_id)
-        out = client_app(msg, Context(run_id=1, node_id=pid + 1, state=RecordDict(),
-                                      run_config={}, node_config={"partition-id": pid,
-                                                                  "num-partitions": 3}))
+        out = client_app(msg, node_context(cfg, pid, 3))
         arrays = {n: a.numpy() for n, a in out.content["arrays"].items()}
         if pid == 2:  # keeps one weight more than Wanda at 50% keeps
             key = next(iter(arrays))
@@ -294,12 +290,11 @@ def test_an_interrupted_pooled_run_resumes_from_its_last_finished_block(pruner, 
     """The run dies while block 1 (of 2) is being asked; resumed, it redoes
     no finished block (the clients replay block 0 from the saved update) and ends with
     the uninterrupted run's model (Wanda: identical)."""
-    from flwr.app import Context, RecordDict
 
     from client.client_app import app as client_app
     from fedprune.methods import method_class
     from server.experiment import run_oneshot
-    from flower_helpers import FakeGrid, set_identity
+    from flower_helpers import FakeGrid, node_context, set_identity
 
     over = [*LLM, "data.num_clients=3", f"data.cache_dir={tmp_path}/cache",
             "text.eval_windows=1", f"secagg.enabled={str(secure).lower()}",
@@ -321,9 +316,7 @@ def test_an_interrupted_pooled_run_resumes_from_its_last_finished_block(pruner, 
                 raise _Crash
             pid = msg.metadata.dst_node_id - 1
             set_identity(msg.metadata.dst_node_id)
-            context = contexts.setdefault(pid, Context(
-                run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
-                node_config={"partition-id": pid, "num-partitions": 3}))
+            context = contexts.setdefault(pid, node_context(cfg, pid, 3))
             return client_app(msg, context)
         return FakeGrid([1, 2, 3], answer), asked
 

@@ -34,12 +34,11 @@ def weights(tmp_path):
 
 
 def _run(tmp_path, weights, overrides, name="run"):
-    from flwr.app import Context, RecordDict
 
     from client.client_app import app as client_app
     from fedprune.methods import method_class
     from server.experiment import run_oneshot
-    from flower_helpers import FakeGrid, set_identity
+    from flower_helpers import FakeGrid, node_context, set_identity
 
     cfg = load_config("default", [*BASE, f"method.weights={weights}",
                                   f"data.cache_dir={tmp_path}/cache", *overrides])
@@ -47,9 +46,7 @@ def _run(tmp_path, weights, overrides, name="run"):
     def answer(msg):
         pid = msg.metadata.dst_node_id - 1
         set_identity(msg.metadata.dst_node_id)
-        return client_app(copy.deepcopy(msg), Context(
-            run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
-            node_config={"partition-id": pid, "num-partitions": 3}))
+        return client_app(copy.deepcopy(msg), node_context(cfg, pid, 3))
 
     summary = run_oneshot(FakeGrid([1, 2, 3], answer), cfg, tmp_path / name,
                           method_class(cfg.method.name))

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from client.client_app import app as client_app
 from fedprune.config import load_config
@@ -16,7 +16,7 @@ from fedprune.fl.server_core import SparseServer
 from fedprune.methods import method_class
 from server.experiment import make_strategy
 from server.query import QuorumError, run_queries
-from flower_helpers import FakeGrid, set_identity
+from flower_helpers import FakeGrid, node_context, set_identity
 
 BASE = ["data.num_clients=4", "data.train_subset=400", "data.partitioner=iid",
         "model.width=2", "mask.density=0.2", "fed.quorum=0.25", "train.eval_batch_size=50"]
@@ -33,9 +33,7 @@ def _run(overrides, tamper):
     def answer(msg: Message):
         pid = msg.metadata.dst_node_id - 1
         set_identity(msg.metadata.dst_node_id)
-        ctx = Context(run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
-                      node_config={"partition-id": pid, "num-partitions": 4})
-        out = client_app(msg, ctx)
+        out = client_app(msg, node_context(cfg, pid, 4))
         metrics = dict(out.content["metrics"])
         arrays = {k: {n: a.numpy() for n, a in r.items()}
                   for k, r in out.content.array_records.items()}

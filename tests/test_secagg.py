@@ -59,12 +59,11 @@ def test_secagg_needs_a_method_that_sums_and_enough_bits():
 def _secure_run(tmp_path, overrides, tamper_metrics=None):
     """The pooled rounds through Flower's SecAggPlusWorkflow and the real ClientApp (its
     secure_mod and Flower's secaggplus_mod), each node keeping its own Context."""
-    from flwr.app import Context, RecordDict
 
     from client.client_app import app as client_app
     from fedprune.methods import method_class
     from server.query import base_spec, run_queries
-    from flower_helpers import FakeGrid, set_identity
+    from flower_helpers import FakeGrid, node_context, set_identity
 
     cfg = load_config("default", [*LLM, "data.num_clients=4", f"data.cache_dir={tmp_path}",
                                   "secagg.enabled=true", *overrides])
@@ -78,9 +77,7 @@ def _secure_run(tmp_path, overrides, tamper_metrics=None):
         msg = copy.deepcopy(msg)
         pid = msg.metadata.dst_node_id - 1
         set_identity(msg.metadata.dst_node_id)
-        context = contexts.setdefault(pid, Context(
-            run_id=1, node_id=pid + 1, state=RecordDict(), run_config={},
-            node_config={"partition-id": pid, "num-partitions": 4}))
+        context = contexts.setdefault(pid, node_context(cfg, pid, 4))
         out = client_app(msg, context)
         metrics = out.content.config_records.get("fitres.metrics")  # compat keeps them there
         if metrics is not None and tamper_metrics is not None:

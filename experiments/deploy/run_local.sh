@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Run fedprune on a real Flower deployment on this machine: one SuperLink and N SuperNodes
-# as separate processes on loopback, then `flwr run` against them.
+# as separate processes on loopback, then `flwr run` against them. Secure by default:
+# TLS on the SuperLink (a private CA; SuperNodes and `flwr` trust only that CA) and
+# SuperNode authentication (each node's public key registered with
+# `flwr supernode register` before the node starts; unregistered nodes are refused).
 #
 # Usage:
 #   bash experiments/deploy/run_local.sh [--nodes 2] [--port 9190] [--config NAME]
 #        [--overrides "k=v ..."] [--log-dir DIR] [--node-port-base PORT]
-#        [--timeout SECONDS] [-- EXTRA_FLWR_RUN_ARGS...]
+#        [--pki DIR] [--insecure] [--netns PREFIX] [--resume RUN_DIR]
+#        [--restart-nodes] [--timeout SECONDS] [-- EXTRA_FLWR_RUN_ARGS...]
 #
 #   --nodes N           SuperNodes to start (default 2); node i gets
 #                       --node-config "partition-id=i num-partitions=N", so N must equal
@@ -19,6 +23,19 @@
 #                       Default: run.out_dir=<repo>/runs.
 #   --log-dir DIR       process logs, the private FLWR_HOME and the `pids` file
 #                       (default <repo>/runs/deploy-logs/<timestamp>).
+#   --pki DIR           certificates and node keys made by `fedprune certs --out DIR
+#                       --nodes N` (default: a fresh set in <log-dir>/pki). Checked before
+#                       anything starts: in date, signed by the CA, naming 127.0.0.1.
+#   --insecure          plaintext, no node authentication: local experiments only (warns).
+#   --netns PREFIX      every component on its own "host": a network namespace with its
+#                       own address on a private bridge (experiments/deploy/netns.sh; root),
+#                       the SuperLink at .1, the operator running `flwr` at .2, SuperNode i
+#                       at .(10+i); all torn down on exit, also after a failure.
+#   --restart-nodes     supervise the SuperNodes: one that dies while the run goes on is
+#                       started again with the same key and partition (logged, and listed
+#                       in pids as supernode-i:restart-k).
+#   --resume RUN_DIR    continue the run in RUN_DIR from its last checkpoint (e.g. after
+#                       the SuperLink went down); the config comes from RUN_DIR.
 #   --timeout S         give up on `flwr run` after S seconds (default 3600).
 #   Anything after `--` (and any option not listed here) goes to `flwr run` unchanged.
 #
@@ -42,6 +59,11 @@ CONFIG=deploy_smoke
 OVERRIDES=""
 LOG_DIR=""
 RUN_TIMEOUT=3600
+PKI=""
+INSECURE=0
+NETNS=""
+RESUME=""
+RESTART_NODES=0
 HOST=127.0.0.1
 CONNECTION=fedprune-local
 EXTRA=()
@@ -56,6 +78,11 @@ while [ $# -gt 0 ]; do
         --overrides) OVERRIDES=${2?--overrides needs a value}; shift 2 ;;
         --log-dir) LOG_DIR=${2:?--log-dir needs a value}; shift 2 ;;
         --timeout) RUN_TIMEOUT=${2:?--timeout needs a value}; shift 2 ;;
+        --pki) PKI=${2:?--pki needs a value}; shift 2 ;;
+        --insecure) INSECURE=1; shift ;;
+        --netns) NETNS=${2:?--netns needs a prefix}; shift 2 ;;
+        --resume) RESUME=${2:?--resume needs a run folder}; shift 2 ;;
+        --restart-nodes) RESTART_NODES=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; EXTRA+=("$@"); break ;;
         *) EXTRA+=("$1"); shift ;;
@@ -81,7 +108,7 @@ else
     die "no flower-superlink found: activate the venv or run experiments/setup.sh"
 fi
 export PATH="$BIN:$PATH"
-for exe in flower-superlink flower-supernode flower-superexec flwr python; do
+for exe in flower-superlink flower-supernode flower-superexec flwr python fedprune; do
     [ -x "$BIN/$exe" ] || die "$BIN/$exe is missing"
 done
 
@@ -95,15 +122,6 @@ export FLWR_HOME=$LOG_DIR/flwr-home
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 mkdir -p "$FLWR_HOME"
-cat > "$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "$CONNECTION"
-
-[superlink.$CONNECTION]
-address = "$HOST:$PORT"
-insecure = true
-EOF
-
 log() { echo "[run_local] $*" >&2; }
 
 # ---- process bookkeeping: every start is `setsid`, so its pid is its process group
@@ -129,8 +147,35 @@ descendants() {  # all live descendants of the given pids (Flower detaches some 
               for (p in keep) if (!(p in root)) print p }'
 }
 
+marked() {  # processes carrying this run's private FLWR_HOME, wherever they were re-parented
+    # (this script's own helpers share its session: every Flower process runs in another)
+    "$BIN/python" - "FLWR_HOME=$FLWR_HOME" "$$" <<'EOF'
+import os, sys
+marker, own = sys.argv[1].encode(), os.getsid(int(sys.argv[2]))
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if marker in env and os.getsid(int(pid)) != own:
+            print(pid)
+    except OSError:
+        continue
+EOF
+}
 alive() { kill -0 "$1" 2>/dev/null; }
+running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $st != Z* ]]; }
+group_running() {  # a live (not zombie) process in process group $1
+    ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found = 1} END {exit !found}'
+}
+listening() { $(on "$1") bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; }  # HOST ADDR PORT
+port_free() { ! listening "$@"; }
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+
+NETNS_UP=0
+teardown_hosts() {
+    [ "$NETNS_UP" = 1 ] || return 0
+    bash "$REPO/experiments/deploy/netns.sh" down "$NETNS" >&2 \
+        || log "could not remove every namespace of $NETNS (netns.sh down $NETNS)"
+}
 
 CLEANED=0
 cleanup() {
@@ -139,10 +184,10 @@ cleanup() {
     [ "$CLEANED" = 1 ] && return
     CLEANED=1
     trap - INT TERM
-    [ ${#GROUPS_STARTED[@]} -eq 0 ] && exit "$rc"
+    if [ ${#GROUPS_STARTED[@]} -eq 0 ]; then teardown_hosts; exit "$rc"; fi
     # Snapshot the whole tree first: a detached child is re-parented once its parent dies.
     local extra pid name
-    extra=$(descendants "${GROUPS_STARTED[@]}" | sort -n)
+    extra=$({ descendants "${GROUPS_STARTED[@]}"; marked; } | sort -nu)
     for pid in $extra; do
         name=$(ps -o comm= -p "$pid" 2>/dev/null || true)
         echo "child:${name:-gone} $pid" >>"$PIDS_FILE"
@@ -170,52 +215,142 @@ cleanup() {
     fi
     [ -n "${TAIL_PID:-}" ] && kill "$TAIL_PID" 2>/dev/null || true
     wait 2>/dev/null || true
+    teardown_hosts
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-wait_for_port() {  # wait_for_port PORT PID SECONDS
-    local deadline=$((SECONDS + $3))
-    until (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; do
-        alive "$2" || { log "process $2 exited before listening on $HOST:$1"; return 1; }
-        [ $SECONDS -lt $deadline ] || { log "nothing listens on $HOST:$1 after $3 s"; return 1; }
+# ---- hosts: loopback, or one network namespace per component (--netns)
+on() { [ -z "$NETNS" ] || echo "ip netns exec $NETNS-$1"; }  # command prefix for host $1
+if [ -n "$NETNS" ]; then
+    NETNS_UP=1
+    TABLE=$(bash "$REPO/experiments/deploy/netns.sh" up "$NETNS" "$NODES") \
+        || die "could not make the network namespaces of --netns $NETNS"
+    echo "$TABLE" >"$LOG_DIR/hosts"
+    HOST=$(awk '$1 == "link" {print $3}' <<<"$TABLE")
+    log "hosts (network namespaces): $(tr '\n' ';' <<<"$TABLE")"
+fi
+
+# ---- security: TLS + node authentication, or plaintext on explicit request
+if [ "$INSECURE" = 1 ]; then
+    [ -z "$PKI" ] || die "--insecure and --pki exclude each other"
+    log "WARNING: --insecure: plaintext traffic and no SuperNode authentication; anyone" \
+        "who reaches $HOST:$PORT can join as a node or submit an app. Local experiments only."
+    SUPERLINK_SECURITY=(--insecure)
+    CONNECTION_SECURITY='insecure = true'
+else
+    if [ -z "$PKI" ]; then
+        PKI=$LOG_DIR/pki
+        fedprune certs --out "$PKI" --hosts "$HOST,localhost" --nodes "$NODES" >&2 \
+            || die "could not make certificates in $PKI"
+    fi
+    PKI=$(cd "$PKI" 2>/dev/null && pwd) || die "--pki folder does not exist"
+    fedprune certs --check --out "$PKI" --hosts "$HOST" --nodes "$NODES" >&2 \
+        || die "the certificates in $PKI cannot serve this deployment (see above)"
+    SUPERLINK_SECURITY=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.crt"
+                        --ssl-keyfile "$PKI/server.key" --enable-supernode-auth)
+    CONNECTION_SECURITY="root-certificates = \"$PKI/ca.crt\""
+fi
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "$CONNECTION"
+
+[superlink.$CONNECTION]
+address = "$HOST:$PORT"
+$CONNECTION_SECURITY
+EOF
+
+
+wait_for_port() {  # wait_for_port HOSTNAME ADDR PORT PID SECONDS
+    local deadline=$((SECONDS + $5))
+    until listening "$1" "$2" "$3"; do
+        alive "$4" || { log "process $4 exited before listening on $2:$3 ($1)"; return 1; }
+        [ $SECONDS -lt $deadline ] || { log "nothing listens on $2:$3 ($1) after $5 s"; return 1; }
         sleep 0.3
     done
 }
 
 # ---- SuperLink
 log "logs: $LOG_DIR (bin: $BIN)"
-start superlink "$LOG_DIR/superlink.log" flower-superlink --insecure \
-    --disable-runtime-dependency-installation --host "$HOST" --port "$PORT"
+port_free link "$HOST" "$PORT" || die "port $HOST:$PORT is in use (choose another with --port)"
+start superlink "$LOG_DIR/superlink.log" $(on link) flower-superlink \
+    "${SUPERLINK_SECURITY[@]}" --disable-runtime-dependency-installation \
+    --host "$HOST" --port "$PORT"
 SUPERLINK_PID=${GROUPS_STARTED[-1]}
-wait_for_port "$PORT" "$SUPERLINK_PID" 60 || { tail -n 30 "$LOG_DIR/superlink.log" >&2; exit 1; }
+wait_for_port link "$HOST" "$PORT" "$SUPERLINK_PID" 60 \
+    || { tail -n 30 "$LOG_DIR/superlink.log" >&2; exit 1; }
 log "SuperLink up on $HOST:$PORT (pid $SUPERLINK_PID)"
 
-# ---- SuperNodes, one partition each
+# ---- SuperNodes, one partition each; with auth, each key is registered first. A node's
+# Runtime API (its own SuperExec) listens on its host's loopback only.
+NODE_HOST=127.0.0.1
 NODE_PIDS=()
-for ((i = 0; i < NODES; i++)); do
-    start "supernode-$i" "$LOG_DIR/supernode-$i.log" flower-supernode --insecure \
-        --superlink "$HOST:$PORT" --host "$HOST" --port "$((NODE_PORT_BASE + i))" \
+start_node() {  # start_node I NAME: SuperNode i, appended to NODE_PIDS / replacing entry i
+    local i=$1 security=(--insecure)
+    [ "$INSECURE" = 1 ] || security=(--root-certificates "$PKI/ca.crt"
+                                     --auth-supernode-private-key "$PKI/nodes/node-$i")
+    start "$2" "$LOG_DIR/$2.log" $(on "node-$i") flower-supernode "${security[@]}" \
+        --superlink "$HOST:$PORT" --host "$NODE_HOST" --port "$((NODE_PORT_BASE + i))" \
         --node-config "partition-id=$i num-partitions=$NODES"
-    NODE_PIDS+=("${GROUPS_STARTED[-1]}")
+    NODE_PIDS[i]=${GROUPS_STARTED[-1]}
+}
+for ((i = 0; i < NODES; i++)); do
+    port_free "node-$i" "$NODE_HOST" "$((NODE_PORT_BASE + i))" || die \
+        "port $NODE_HOST:$((NODE_PORT_BASE + i)) (SuperNode $i) is in use (--node-port-base)"
+    if [ "$INSECURE" = 0 ]; then
+        timeout 60 $(on op) flwr supernode register "$PKI/nodes/node-$i.pub" "$CONNECTION" \
+            >"$LOG_DIR/register-$i.log" 2>&1 \
+            || { cat "$LOG_DIR/register-$i.log" >&2; die "could not register node key $i"; }
+    fi
+    start_node "$i" "supernode-$i"
 done
 for ((i = 0; i < NODES; i++)); do
-    wait_for_port "$((NODE_PORT_BASE + i))" "${NODE_PIDS[i]}" 60 \
+    wait_for_port "node-$i" "$NODE_HOST" "$((NODE_PORT_BASE + i))" "${NODE_PIDS[i]}" 60 \
         || { tail -n 30 "$LOG_DIR/supernode-$i.log" >&2; exit 1; }
 done
 log "$NODES SuperNodes up (runtime API ports $NODE_PORT_BASE..$((NODE_PORT_BASE + NODES - 1)))"
 
 # ---- the run; its output goes to flwr-run.log and is mirrored here
 RUN_CONFIG="config='$CONFIG' overrides='$OVERRIDES'"
+if [ -n "$RESUME" ]; then  # the run's own config; the ServerApp restores its checkpoint
+    RESUME=$(cd "$RESUME" 2>/dev/null && pwd) || die "--resume folder $RESUME does not exist"
+    [ -f "$RESUME/config.yaml" ] || die "--resume $RESUME has no config.yaml: not a run folder"
+    RUN_CONFIG="config='$RESUME/config.yaml' overrides='' run_dir='$RESUME' resume=true"
+fi
 log "flwr run $REPO $CONNECTION --stream --run-config \"$RUN_CONFIG\" ${EXTRA[*]:-}"
-start flwr-run "$LOG_DIR/flwr-run.log" timeout --kill-after=10 "$RUN_TIMEOUT" \
+start flwr-run "$LOG_DIR/flwr-run.log" timeout --kill-after=10 "$RUN_TIMEOUT" $(on op) \
     flwr run "$REPO" "$CONNECTION" --stream --run-config "$RUN_CONFIG" ${EXTRA[@]+"${EXTRA[@]}"}
 RUN_PID=${GROUPS_STARTED[-1]}
 tail -n +1 -F --pid="$RUN_PID" "$LOG_DIR/flwr-run.log" 2>/dev/null &
 TAIL_PID=$!
 RUN_RC=0
+RESTARTS=0
+NEXT_TRY=()
+# Supervise the SuperNodes while the run goes on. A node that died without saying goodbye
+# stays "online" at the SuperLink until its heartbeats are missed (about 2 heartbeat
+# intervals), and its key is refused until then ("Failed to activate SuperNode"): so a
+# restart is tried at most every RESTART_BACKOFF seconds per node.
+RESTART_BACKOFF=10
+while running "$RUN_PID"; do
+    if ! group_running "$SUPERLINK_PID"; then
+        log "the SuperLink is gone: the run cannot go on (continue it with --resume RUN_DIR)"
+        exit 1
+    fi
+    if [ "$RESTART_NODES" = 1 ]; then
+        for ((i = 0; i < NODES; i++)); do
+            group_running "${NODE_PIDS[i]}" && continue
+            [ "$SECONDS" -ge "${NEXT_TRY[i]:-0}" ] || continue
+            [ "$RESTARTS" -lt $((20 * NODES)) ] || { log "too many SuperNode restarts"; break 2; }
+            RESTARTS=$((RESTARTS + 1))
+            NEXT_TRY[i]=$((SECONDS + RESTART_BACKOFF))
+            log "SuperNode $i is gone; starting it again (restart $RESTARTS)"
+            start_node "$i" "supernode-$i-restart-$RESTARTS"
+        done
+    fi
+    sleep 1
+done
 wait "$RUN_PID" || RUN_RC=$?
 wait "$TAIL_PID" 2>/dev/null || true
 TAIL_PID=""
@@ -225,7 +360,8 @@ TAIL_PID=""
 # ---- did the run really complete? (flwr run --stream exits 0 after a ServerApp crash)
 RUN_ID=$(grep -oE 'run [0-9]{6,}' "$LOG_DIR/flwr-run.log" | head -n 1 | grep -oE '[0-9]+' || true)
 [ -n "$RUN_ID" ] || { log "no run id in $LOG_DIR/flwr-run.log"; exit 1; }
-flwr ls "$CONNECTION" --run-id "$RUN_ID" --format json >"$LOG_DIR/flwr-ls.json" 2>&1 || true
+$(on op) flwr ls "$CONNECTION" --run-id "$RUN_ID" --format json >"$LOG_DIR/flwr-ls.json" 2>&1 \
+    || true
 STATUS=$(python - "$LOG_DIR/flwr-ls.json" "$RUN_ID" <<'EOF'
 import json, sys
 text = open(sys.argv[1]).read()

@@ -1,0 +1,2 @@
+"""Deployment helpers without Flower: certificates and keys (``pki``) and the settings a
+client node owns (``node``)."""
