@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -234,8 +235,15 @@ class SimConfig:
     client_cpus: int = 1
     client_gpus: float = 0.0  # a share of one GPU, e.g. 0.25
     torch_threads: int = 1  # torch threads inside each client (avoid oversubscription)
+    # "" = a private Ray instance on this machine; "HOST:PORT" (a head's GCS address) or
+    # "auto" = attach to a running Ray cluster, whose nodes then host the virtual clients
+    # (they read their node settings, e.g. FEDPRUNE_DATA_ROOT, from their own environment)
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
+        check_value("sim.ray_address", self.ray_address in ("", "auto") or
+                    bool(re.fullmatch(r"[\w.\-\[\]:]+:\d+", self.ray_address)),
+                    "must be '', 'auto' or HOST:PORT", self.ray_address)
         check_value("sim.client_cpus", isinstance(self.client_cpus, int) and self.client_cpus >= 1,
                "must be a whole number >= 1", self.client_cpus)
         check_value("sim.client_gpus", self.client_gpus >= 0, "must be >= 0", self.client_gpus)
