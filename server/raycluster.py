@@ -33,6 +33,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ray_address_file() -> Path:
+    """Where `ray start --head` records the address that ray.init() finds later."""
+    try:
+        from ray._common.utils import get_ray_address_file  # internal API
+    except ImportError:
+        return Path("/tmp/ray/ray_current_cluster")
+    return Path(get_ray_address_file(None))
+
+
 class LocalCluster:
     """``nodes`` Ray nodes (a head and workers) of ``cpus`` CPUs each, as processes."""
 
@@ -106,6 +115,14 @@ class LocalCluster:
         for proc in reversed(self.procs):
             stop_tree(proc, grace=10.0)
         self.procs = []
+        # `ray start --head` records its address for later ray.init() calls on this
+        # machine; `ray stop` would remove it (and stop every Ray here): only ours goes.
+        record = ray_address_file()
+        try:
+            if record.read_text().strip().endswith(f":{self.address.rsplit(':', 1)[1]}"):
+                record.unlink()
+        except OSError:
+            pass
 
 
 class Placement:

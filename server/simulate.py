@@ -105,8 +105,11 @@ def _environment(home: Path, cfg: ExperimentConfig) -> dict[str, str]:
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
            "FEDPRUNE_OWNER_PID": str(os.getpid())}  # the ServerApp stops when we are gone
     env.update(node_environment(with_absolute_paths(cfg)))
-    if cfg.sim.ray_address:  # Flower's Ray backend calls ray.init(), which reads this
-        env["RAY_ADDRESS"] = cfg.sim.ray_address
+    # Flower's Ray backend calls ray.init() with no address, which reads RAY_ADDRESS and,
+    # without it, attaches to the last cluster `ray start` made on this machine (its
+    # address file outlives it: a run would then wait on a dead cluster). "local" = a
+    # private instance, which is what a run without sim.ray_address means.
+    env["RAY_ADDRESS"] = cfg.sim.ray_address or "local"
     # Flower's entry points (flower-superlink, flower-superexec, flwr-simulation) from
     # this interpreter's environment, whatever PATH says.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

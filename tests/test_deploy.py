@@ -463,11 +463,12 @@ def _node_cmd(port: int, node_port: int, *security: str) -> list[str]:
 def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(tmp_path):
     """TLS + node authentication as run_local.sh starts them: a registered node comes
     online; a node whose key was never registered, a node that does not trust the CA, a
-    plaintext node, and a `flwr` CLI without the CA are all refused."""
+    plaintext node, and a `flwr` CLI without the CA are all refused; a node with no
+    SuperLink to reach gives up after its retries instead of hanging."""
     from fedprune.deploy.pki import make_pki
 
     pki = make_pki(tmp_path / "pki", ["127.0.0.1", "localhost"], nodes=2).root
-    port = _free_port_block(5)
+    port = _free_port_block(6)
     home = tmp_path / "flwr-home"
     _write_connection(home, port, pki)
     with _Processes(home) as ps:
@@ -490,6 +491,10 @@ def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(
             "no-ca": _node_cmd(port, port + 3, "--auth-supernode-private-key",
                                str(pki / "nodes" / "node-0")),
             "plaintext": _node_cmd(port, port + 4, "--insecure"),
+            # started before (here: without) its SuperLink: gives up after its retries
+            "no-superlink": _node_cmd(_free_port_block(1), port + 5, *trusted,
+                                      "--auth-supernode-private-key",
+                                      str(pki / "nodes" / "node-0")),
         }
         procs = {k: ps.start(tmp_path / f"{k}.log", *cmd) for k, cmd in refused.items()}
         for name, proc in procs.items():
@@ -498,6 +503,8 @@ def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(
         assert "Failed to activate SuperNode" in logs["unregistered"], logs["unregistered"]
         assert "CERTIFICATE_VERIFY_FAILED" in logs["no-ca"], logs["no-ca"]
         assert "Exit Code" in logs["plaintext"], logs["plaintext"]
+        assert "Failed to initialize the connection" in logs["no-superlink"], \
+            logs["no-superlink"]
         deadline = time.time() + 60
         while time.time() < deadline:  # the registered node is the only one online
             listing = ps.flwr("supernode", "ls", "t", "--format", "json")

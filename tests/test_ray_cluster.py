@@ -4,12 +4,13 @@ worker node started as separate processes, the virtual clients placed on both.""
 from __future__ import annotations
 
 import json
+import signal
 
 import psutil
 import pytest
 
 from fedprune.config import ConfigError, load_config
-from server.raycluster import LocalCluster, Placement
+from server.raycluster import LocalCluster, Placement, ray_address_file
 from server.simulate import simulate
 
 
@@ -37,3 +38,32 @@ def test_simulation_runs_its_clients_on_both_nodes_of_a_ray_cluster(tmp_path, da
     # one actor per node's CPU: the clients ran on the head and on the worker
     assert placement.per_node() == {0: 1, 1: 1}, placement.actors
     assert not any(psutil.pid_exists(pid) for pid in raylets)  # the cluster is gone
+    record = ray_address_file()
+    assert not record.exists() or cluster.address.split(":")[1] not in record.read_text()
+
+
+@pytest.mark.slow
+def test_a_run_without_ray_address_ignores_a_dead_clusters_address_file(tmp_path, data_root):
+    """ray.init() with no address attaches to the last `ray start` cluster it finds
+    recorded on this machine, dead or alive; fedprune's private runs must not (they hung
+    on a dead cluster's record before RAY_ADDRESS=local)."""
+    record = ray_address_file()
+    before = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("127.0.0.1:9")  # nothing listens there
+    def hung(signum, frame):
+        raise TimeoutError("the run waited on the dead cluster's address")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)  # fail, not hang (simulate's clean-up stops its SuperLink)
+    try:
+        cfg = load_config("deploy_smoke", ["fed.rounds=1", "train.max_steps=2",
+                                           f"run.out_dir={tmp_path}"])
+        assert simulate(cfg, tmp_path / "run")["rounds"] == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(before)
