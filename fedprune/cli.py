@@ -82,8 +82,50 @@ def cmd_partition_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def cmd_prune_tokens(args: argparse.Namespace) -> int:
+    from .prune.tokens.job import TokenJob, run_token_job
+
+    try:
+        keep = [float(k) for k in args.keep.split(",") if k] if args.keep else []
+        options = dict(o.split("=", 1) for o in (args.opt or []))
+    except ValueError as err:
+        print(f"fedprune prune: --keep / --opt: {err}", file=sys.stderr)
+        return 2
+    job = TokenJob(model=args.model, method=args.method, keep=keep, r=args.merge_r,
+                   options={k: _option_value(v) for k, v in options.items()},
+                   epochs=args.cnn_epochs, eval_images=args.eval_images, out=args.out,
+                   device=args.device, seed=args.seed, speed=not args.skip_speed)
+    try:
+        report = run_token_job(job)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"fedprune prune: {err}", file=sys.stderr)
+        return 2
+    for row in ("dense", "pruned"):
+        r = report[row]
+        speed = (f", {r['images_per_s_batch1']:.0f} im/s (b1), "
+                 f"{r['images_per_s_batch64']:.0f} im/s (b64)") if job.speed else ""
+        print(f"{row:>6}: accuracy {100 * r['accuracy']:.2f}%, {r['flops'] / 1e6:.1f} MFLOPs, "
+              f"tokens {r['tokens_per_block']}{speed}")
+    print(f"FLOPs -{100 * report['flops_reduction']:.1f}%, accuracy "
+          f"{-100 * report['accuracy_drop']:+.2f} points; report: {args.out}/report.json")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .prune.job import PruneJob, run_job
+    from .prune.tokens import token_pruners
+
+    if args.method in token_pruners():
+        return cmd_prune_tokens(args)
 
     job = PruneJob(model=args.model, method=args.method, pattern=args.pattern or "",
                    sparsity=_prune_sparsity(args), scope=args.scope or "", calib=args.calib,
@@ -199,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="smollm2-135m",
                     help="LLM: alias (smollm2-135m), HF folder or hub id; "
                          "CNN: DATASET:MODEL[:WIDTH], e.g. cifar10:resnet8 (trained briefly first)")
-    pr.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | admm")
+    pr.add_argument("--method", default="wanda",
+                    help="weights: magnitude | wanda | sparsegpt | admm; tokens (an image "
+                         "transformer, --model cifar10:vit[:WIDTH]): zero-tprune | tome | "
+                         "random")
     pr.add_argument("--sparsity", type=float, default=None,
                     help="fraction of each prunable layer set to zero, in [0, 1) (default 0.5)")
     pr.add_argument("--pattern", default="", help="N:M semi-structured, e.g. 2:4")
@@ -222,7 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run in --out: restore its finished blocks")
     pr.add_argument("--cnn-epochs", type=int, default=3,
-                    help="CNN: epochs of the (cached) reference training")
+                    help="CNN / ViT: epochs of the (cached) reference training")
+    pr.add_argument("--keep", default="",
+                    help="zero-tprune / random: fraction of the tokens each block keeps, "
+                         "comma-separated per block, e.g. 1,0.7,1,0.7,1,0.7")
+    pr.add_argument("--merge-r", type=int, default=0, help="tome: tokens merged per block")
+    pr.add_argument("--eval-images", type=int, default=0,
+                    help="token pruning: test images evaluated (0: all)")
+    pr.add_argument("--skip-speed", action="store_true",
+                    help="token pruning: do not measure images/s")
     pr.set_defaults(func=cmd_prune)
     sh = sub.add_parser("shrink", help="structured (heads, channels) or depth (blocks) pruning "
                                        "of a causal LM: a smaller, faster model")

@@ -73,13 +73,13 @@ class DataConfig:
                self.min_partition_size)
 
 
-MODELS = ("resnet8", "resnet20", "resnet18", "vgg11_bn", "convnet")
+MODELS = ("resnet8", "resnet20", "resnet18", "vgg11_bn", "convnet", "vit")
 
 
 @dataclass
 class ModelConfig:
     name: str = "resnet8"
-    width: int = 16  # channels of the first stage; later stages scale from it
+    width: int = 16  # CNNs: channels of the first stage (later stages scale); ViT: dim / 4
     num_classes: int = 10
 
     def __post_init__(self) -> None:

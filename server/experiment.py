@@ -98,6 +98,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     summary = summarize(recorder.rows, core.cost(), dense_bytes, core.layer_densities(), cfg)
     if selection is not None:
         summary["selection"] = selection
+    if method.report():
+        summary["method_report"] = method.report()
     recorder.write_summary(summary)
     print_summary(summary, recorder.dir)
     return summary

@@ -29,6 +29,9 @@ METHODS = {
     "channel-prune_taylor": ["method.name=channel-prune", "method.criterion=taylor",
                              "method.prune_round=2", "method.fraction=0.3",
                              "method.evidence_batches=1"],
+    # a ViT; in round 2 the clients score three token-pruning schedules on their data
+    "token-select": ["method.name=token-select", "model.name=vit", "method.select_round=2",
+                     "method.eval_batches=1", "method.flops_budget=0.8", "mask.density=0.3"],
 }
 
 
@@ -73,6 +76,14 @@ def test_method_end_to_end(method, tmp_path, data_root):
         return
     if method.startswith("channel-prune"):
         _check_channel_prune(rows, weights, summary)
+        return
+    if method == "token-select":
+        choice = summary["method_report"]["token_selection"]
+        assert choice["round"] == 2 and choice["clients"] == 3 and len(choice["loss"]) == 3
+        allowed = [k for k, f in enumerate(choice["flops_ratio"]) if f <= 0.8]
+        assert choice["allowed"] == allowed and choice["chosen"] in allowed
+        assert choice["chosen"] == min(allowed, key=lambda k: choice["loss"][k])
+        assert kept == round(0.3 * total)
         return
     assert kept == round(0.1 * total)  # exact density
     if method in ("snip", "synflow_vote"):

@@ -45,13 +45,14 @@ def test_registry_holds_every_method_with_its_three_parts():
     assert method_names() == ["channel-prune", "feddst", "fedtiny", "fixed", "gates",
                               "l0-average",
                               "mask-vote", "pooled", "prunefl", "snip", "structured",
-                              "synflow"]
+                              "synflow", "token-select"]
     for name in method_names():
         cls = method_class(name)
         assert issubclass(cls, Method) and cls.name == name == cls.config_cls().name
         rounds = 0 if cls.config_cls.one_shot else 4
+        model = ["model.name=vit"] if name == "token-select" else []  # needs a transformer
         assert load_config("default", [f"method.name={name}", "mask.density=0.5",
-                                       f"fed.rounds={rounds}"]).method.name == name
+                                       f"fed.rounds={rounds}", *model]).method.name == name
     with pytest.raises(ConfigError, match="method.name='nope' is not valid"):
         load_config("default", ["method.name=nope"])
     with pytest.raises(ConfigError, match="method.candidates"):  # options are typed per method

@@ -1,4 +1,5 @@
-"""Model registry: every CNN builds for its input, has BN, and counts as expected."""
+"""Model registry: every CNN builds for its input, has BN, and counts as expected; the ViT
+counts its parameters and FLOPs as a hand count says."""
 
 from __future__ import annotations
 
@@ -15,7 +16,20 @@ CASES = {"resnet8": "cifar10", "resnet20": "cifar10", "resnet18": "cifar10",
 
 
 def test_every_registered_model_is_covered():
-    assert set(registered_models()) == set(CASES)
+    assert set(registered_models()) == set(CASES) | {"vit"}
+
+
+def test_vit_shapes_parameters_and_flops_by_hand():
+    model = build_model(ModelConfig(name="vit", width=8, num_classes=7), "cifar10")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    d, hidden, n = 32, 64, 65  # width 8 -> 32 channels, MLP ratio 2, 64 patches + class
+    per_block = (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + \
+        (hidden * d + d) + 4 * d  # qkv, proj, fc1, fc2, two LayerNorms
+    total = (3 * 16 * d + d) + d + n * d + 6 * per_block + 2 * d + (d * 7 + 7)
+    assert sum(p.numel() for p in model.parameters()) == total
+    macs = 64 * d * 3 * 16 + 6 * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden)
+    assert model.flops() == 2 * (macs + d * 7)
+    assert all(n.endswith("weight") for n in prunable_names(model))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

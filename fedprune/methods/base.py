@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported for annotations only: these import this module's u
 # Modules that register the built-in methods (imported on first lookup, so that the
 # config module can use the registry without importing torch-heavy code at start-up).
 BUILTIN = ("fixed", "scored", "fedtiny", "dynamic", "gates", "pooled", "local", "structured",
-           "channels")
+           "channels", "tokens")
 
 
 @dataclass
@@ -177,6 +177,10 @@ class Method:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """What a checkpoint must hold to continue this method (beyond weights and mask)."""
+        return {}
+
+    def report(self) -> dict:
+        """What the method decided, for the run's summary (``method_report``); JSON-able."""
         return {}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

@@ -1,10 +1,10 @@
 """Model-family adapters: all knowledge of where blocks and layers live.
 
 Importing this package registers the families, tried in this order: HF decoder-only LMs,
-HF BERT-style encoders, then any CNN-like module of conv/linear layers.
+HF BERT-style encoders, fedprune's ViT, then any CNN-like module of conv/linear layers.
 """
 
-from . import hf_decoder, hf_encoder, cnn  # noqa: F401  (registration order matters)
+from . import hf_decoder, hf_encoder, cnn, vit  # noqa: F401  (registration order matters)
 from .base import (
     Adapter,
     Block,

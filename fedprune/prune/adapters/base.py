@@ -151,6 +151,16 @@ class Adapter(ABC):
         """Raise ValueError naming ``name`` when the layer cannot be pruned as asked
         (``needs_rows``: the method reads calibration statistics of its inputs)."""
 
+    # ---- tokens (token pruning and merging: fedprune.prune.tokens) --------------------------
+
+    def token_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's transformer blocks, each able to run a token reducer between its
+        attention and its MLP (``reducer``, ``record``, ``proportional``, and the
+        ``last_attention`` / ``last_keys`` of its last forward pass)."""
+        raise ValueError(f"{self.family} adapter: token pruning needs a transformer whose "
+                         f"attention probabilities can be read; {type(model).__name__} "
+                         "has none (supported: fedprune's ViT, model.name=vit)")
+
     # ---- structure (structured and depth pruning) -----------------------------------------
 
     def structure_groups(self, model: nn.Module, heads: str = "kv",
@@ -200,6 +210,18 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
         raise ValueError(f"adapter family {cls.family!r} is empty or already registered")
     _ADAPTERS.append(cls)
     return cls
+
+
+def register_adapter_before(family: str):
+    """Register an adapter class to be tried just before ``family``'s (a more specific
+    kind of that family, e.g. the ViT among CNN-like modules)."""
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        register_adapter(cls)
+        _ADAPTERS.remove(cls)
+        at = next(i for i, a in enumerate(_ADAPTERS) if a.family == family)
+        _ADAPTERS.insert(at, cls)
+        return cls
+    return deco
 
 
 def adapter_families() -> list[str]:

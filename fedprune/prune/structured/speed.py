@@ -1,4 +1,5 @@
-"""Measured speed of a causal LM: prefill tokens/s and generation tokens/s.
+"""Measured speed: a causal LM's prefill tokens/s and generation tokens/s; an image
+model's images/s.
 
 Wall-clock, inference mode, on whatever device the model is on; each figure is the median
 of ``repeats`` timed runs after one untimed warm-up. Prefill: one forward pass over a
@@ -71,3 +72,18 @@ def measure_speed(model: nn.Module, length: int = 512, new_tokens: int = 64,
             "generate_tokens_per_s": generation_tokens_per_s(model, new_tokens,
                                                              repeats=max(1, repeats // 2)),
             "generate_new_tokens": new_tokens, "threads": torch.get_num_threads()}
+
+
+@torch.inference_mode()
+def images_per_s(model: nn.Module, batch: int, shape: tuple[int, int, int] = (3, 32, 32),
+                 repeats: int = 5, seed: int = 0) -> float:
+    """Images per second of ``model`` on random ``(batch, *shape)`` input."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn((batch, *shape), generator=gen).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return batch / _median_seconds(lambda: model(images), repeats, device)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,254 @@
+"""Token pruners: registered units that shrink a transformer's token sequence between
+attention and MLP, in every block a schedule names (no weights change, no fine-tuning).
+
+- ``zero-tprune`` (Wang, Dedhia and Jha, CVPR 2024): per pruning block, I' -> S -> I.
+  I': one WPR step ranks the tokens; the less important half (group A) are candidates,
+  the more important half (group B) the references ("Sequential-U" partition). S-stage:
+  each A token's most similar B token by cosine similarity of the keys (averaged over
+  heads); the ``s_share`` of the block's removals with the highest similarity are dropped
+  (pruned, not merged). I-stage: WPR (iterations by depth) on the attention graph of the
+  tokens left, rows renormalised, heads combined by VHF + EIR; the least important are
+  dropped. The class token is never dropped and never ranked. Choices the paper's text
+  (not available to us in full) may settle differently: the S/I split (``s_share``,
+  default half), key pooling by the mean over heads, and WPR after the S-stage on the
+  graph restricted to the remaining tokens. Third-party code differs from the paper in
+  several ways we do not follow: a temperature-rescaled softmax, one column mean instead
+  of the iteration, no similarity stage, index order instead of importance order.
+- ``tome`` (Bolya et al., ICLR 2023): bipartite soft matching on the keys averaged over
+  heads; alternate tokens form sets A and B, each A token's best B match is an edge, the
+  ``r`` best edges merge (size-weighted mean); the class token is never a source and stays
+  first; proportional attention (log size added to attention logits) on by default.
+- ``random``: drops the same number of tokens at random (the control).
+
+Schedules: ``keep`` (fractions of the non-class tokens kept at each block, 1 = none
+removed) for zero-tprune and random, ``r`` (tokens merged per block) for tome; both give
+a count per block, so the methods compare at equal token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import adapter_for
+from .wpr import combine_heads, default_cls_weight, iterations_for, weighted_pagerank
+
+_TOKEN_PRUNERS: dict[str, type["TokenPruner"]] = {}
+
+
+def register_token_pruner(cls: type["TokenPruner"]) -> type["TokenPruner"]:
+    if cls.name in _TOKEN_PRUNERS:
+        raise ValueError(f"token pruner {cls.name!r} is already registered")
+    _TOKEN_PRUNERS[cls.name] = cls
+    return cls
+
+
+def token_pruner(name: str, **options) -> "TokenPruner":
+    if name not in _TOKEN_PRUNERS:
+        raise ValueError(f"token pruning method {name!r} is not registered; choose one of "
+                         f"{sorted(_TOKEN_PRUNERS)}")
+    return _TOKEN_PRUNERS[name](**options)
+
+
+def token_pruners() -> list[str]:
+    return sorted(_TOKEN_PRUNERS)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), index (B, K) -> (B, K, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _keep_order(keep: torch.Tensor) -> torch.Tensor:
+    return keep.sort(dim=1).values
+
+
+@dataclass
+class TokenPruner:
+    """A schedule of removals per block; ``attach`` installs the reducers on a model's
+    token blocks (through its adapter), ``detach`` removes them."""
+
+    name: ClassVar[str] = ""
+    keep: Sequence[float] = ()  # per block: fraction of non-class tokens kept (1 = none)
+    r: Sequence[int] | int = ()  # per block (or every block): tokens removed
+
+    def __post_init__(self) -> None:
+        for i, k in enumerate(self.keep):
+            if not 0 < k <= 1:
+                raise ValueError(f"{self.name}: keep[{i}]={k} is outside (0, 1]")
+        rs = [self.r] if isinstance(self.r, int) else list(self.r)
+        if any(v < 0 for v in rs):
+            raise ValueError(f"{self.name}: r={self.r} must be >= 0")
+
+    def removals(self, layer: int, n: int) -> int:
+        """Tokens to remove at ``layer`` from ``n`` (class token included, never removed)."""
+        m = n - 1
+        if self.keep:
+            k = self.keep[layer] if layer < len(self.keep) else 1.0
+            return m - max(1, round(m * k))
+        r = self.r if isinstance(self.r, int) else (self.r[layer] if layer < len(self.r)
+                                                      else 0)
+        return min(r, m - 1)
+
+    def attach(self, model) -> list:
+        blocks = adapter_for(model).token_blocks(model)
+        if self.keep and len(self.keep) > len(blocks):
+            raise ValueError(f"{self.name}: keep names {len(self.keep)} blocks, the model "
+                             f"has {len(blocks)}")
+        for i, block in enumerate(blocks):
+            block.reducer = self._reducer(i, len(blocks))
+        return blocks
+
+    @staticmethod
+    def detach(model) -> None:
+        for block in adapter_for(model).token_blocks(model):
+            block.reducer, block.proportional = None, False
+
+    def _reducer(self, layer: int, depth: int):
+        def reduce(block, x, sizes):
+            remove = self.removals(layer, x.shape[1])
+            if remove <= 0:
+                return x, sizes
+            return self.reduce(layer, depth, block, x, sizes, remove)
+        return reduce
+
+    def reduce(self, layer, depth, block, x, sizes, remove):
+        raise NotImplementedError
+
+
+@register_token_pruner
+@dataclass
+class RandomDrop(TokenPruner):
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def reduce(self, layer, depth, block, x, sizes, remove):
+        b, n, _ = x.shape
+        order = torch.stack([torch.randperm(n - 1, generator=self._gen) + 1 for _ in range(b)])
+        keep = torch.cat([torch.zeros(b, 1, dtype=torch.long), order[:, :n - 1 - remove]], 1)
+        keep = _keep_order(keep.to(x.device))
+        return gather_tokens(x, keep), gather_tokens(sizes, keep)
+
+
+def _key_metric(keys: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) keys -> (B, N, d) head-averaged, unit length."""
+    return F.normalize(keys.mean(1).float(), dim=-1)
+
+
+@register_token_pruner
+@dataclass
+class ZeroTPrune(TokenPruner):
+    name: ClassVar[str] = "zero-tprune"
+    s_share: float = 0.5  # share of a block's removals made by the similarity stage
+    iterations: tuple[int, int, int] = (30, 5, 1)  # early / middle / last-three layers
+    v_min: float | None = 0.01
+    v_max: float | None = 0.7
+    cls_weight: str = "sqrt"  # "sqrt" (sqrt(N) x the others) or "uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.s_share <= 1:
+            raise ValueError(f"zero-tprune: s_share={self.s_share} is outside [0, 1]")
+
+    def importance(self, attention: torch.Tensor, iterations: int) -> torch.Tensor:
+        n = attention.shape[-1]
+        w = default_cls_weight(n) if self.cls_weight == "sqrt" else None
+        return combine_heads(weighted_pagerank(attention, iterations, w), self.v_min,
+                             self.v_max)
+
+    def s_stage(self, importance: torch.Tensor, keys: torch.Tensor, r: int) -> torch.Tensor:
+        """Indices (B, N - r) of the tokens kept after dropping the ``r`` group-A tokens
+        most similar to a group-B token; group A = the less important half of the
+        non-class tokens."""
+        b, n = importance.shape
+        order = importance[:, 1:].argsort(dim=1) + 1  # ascending importance, class token out
+        half = (n - 1) // 2
+        a_idx, b_idx = order[:, :half], order[:, half:]
+        metric = _key_metric(keys)
+        sim = gather_tokens(metric, a_idx) @ gather_tokens(metric, b_idx).transpose(1, 2)
+        best = sim.max(dim=-1).values  # (B, |A|)
+        r = min(r, half)
+        drop = a_idx.gather(1, best.argsort(dim=1, descending=True)[:, :r])
+        keep = torch.ones(b, n, dtype=torch.bool, device=importance.device)
+        keep.scatter_(1, drop, False)
+        return keep.nonzero()[:, 1].view(b, n - r)
+
+    def reduce(self, layer, depth, block, x, sizes, remove):
+        attention, keys = block.last_attention, block.last_keys
+        if attention is None or keys is None:
+            raise ValueError("zero-tprune: the block kept no attention probabilities / keys")
+        r_s = round(self.s_share * remove)
+        kept = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        if r_s:
+            ranking = self.importance(attention, 1)  # I': one vote, for the partition only
+            kept = self.s_stage(ranking, keys, r_s)
+        r_i = remove - (x.shape[1] - kept.shape[1])
+        if r_i > 0:
+            sub = _restrict(attention, kept)
+            early, middle, late = self.iterations
+            scores = self.importance(sub, iterations_for(layer, depth, early, middle, late))
+            scores[:, 0] = float("inf")  # the class token stays
+            top = scores.topk(kept.shape[1] - r_i, dim=1).indices
+            kept = kept.gather(1, _keep_order(top))
+        return gather_tokens(x, kept), gather_tokens(sizes, kept)
+
+
+def _restrict(attention: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The attention graph among ``kept`` tokens (B, K), rows renormalised to sum 1."""
+    b, h, n, _ = attention.shape
+    rows = kept[:, None, :, None].expand(b, h, kept.shape[1], n)
+    sub = attention.gather(2, rows)
+    cols = kept[:, None, None, :].expand(b, h, kept.shape[1], kept.shape[1])
+    sub = sub.gather(3, cols)
+    return sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@register_token_pruner
+@dataclass
+class ToMe(TokenPruner):
+    name: ClassVar[str] = "tome"
+    proportional: bool = True
+
+    def attach(self, model) -> list:
+        blocks = super().attach(model)
+        for block in blocks:
+            block.proportional = self.proportional
+        return blocks
+
+    def removals(self, layer: int, n: int) -> int:
+        return min(super().removals(layer, n), (n - 1) // 2)
+
+    def reduce(self, layer, depth, block, x, sizes, remove):
+        return bipartite_merge(x, sizes, _key_metric(block.last_keys), remove)
+
+
+def bipartite_merge(x: torch.Tensor, sizes: torch.Tensor, metric: torch.Tensor, r: int):
+    """ToMe's bipartite soft matching: tokens 0, 2, 4, ... form set A, 1, 3, ... set B;
+    the ``r`` A tokens with the most similar B token merge into it (size-weighted mean
+    of the tokens, sizes added); A's class token (token 0) never merges and stays first."""
+    a, b_ = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b_.transpose(1, 2)
+    scores[:, 0, :] = -float("inf")
+    r = min(r, a.shape[1] - 1)
+    node_max, node_idx = scores.max(dim=-1)
+    edges = node_max.argsort(dim=-1, descending=True)
+    src, unm = edges[:, :r], edges[:, r:].sort(dim=1).values
+    dst = node_idx.gather(1, src)
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        ta, tb = t[:, ::2], t[:, 1::2]
+        moved = gather_tokens(ta, src)
+        tb = tb.scatter_reduce(1, dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), moved,
+                               reduce="sum")
+        return torch.cat([gather_tokens(ta, unm), tb], dim=1)
+
+    weighted = merge(x * sizes)
+    sizes = merge(sizes)
+    return weighted / sizes, sizes
