@@ -307,6 +307,8 @@ class MethodConfig:
     # and names that are paths only when such a path exists (else e.g. a model alias)
     paths: ClassVar[tuple[str, ...]] = ()
     maybe_paths: ClassVar[tuple[str, ...]] = ()
+    # of those, the ones only the server reads (a client never opens them)
+    server_paths: ClassVar[tuple[str, ...]] = ()
     # a one-shot method prunes in query rounds only (fed.rounds must be 0); the others
     # train for fed.rounds >= 1 rounds
     one_shot: ClassVar[bool] = False

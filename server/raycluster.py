@@ -13,7 +13,6 @@ here: each node is a ``ray start --block`` process with its own raylet and CPUs,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,9 @@ from pathlib import Path
 
 import psutil
 
-from .simulate import FLOWER_ENV, stop_tree
+from .simulate import FLOWER_ENV, _free_port, stop_tree
 
 ACTOR = "ray::ClientAppActor"  # the process title of Flower's virtual-client actors
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_address_file() -> Path:

@@ -153,7 +153,9 @@ def test_compose_topology_partitions_and_addresses():
 
 def test_compose_is_secure_by_default():
     """TLS on every connection, node authentication with one registered key per node,
-    authenticated SuperExecs, and only loopback published unless the user says otherwise."""
+    each SuperExec authenticated by its own Runtime API's secret, every service given only
+    the key files it uses (never the CA's key), and only loopback published unless the
+    user says otherwise."""
     services = _compose()
     link = [str(c) for c in services["superlink"]["command"]]
     assert "--enable-supernode-auth" in link
@@ -161,14 +163,26 @@ def test_compose_is_secure_by_default():
                        ("--ssl-keyfile", "server.key"),
                        ("--superexec-auth-secret-file", "superexec.secret")):
         assert _flag(link, flag) == f"/pki/{name}"
+    secrets = {}
     for name, svc in services.items():
         command = [str(c) for c in svc.get("command", [])]
         assert not any("insecure" in c for c in command), name
         if name.startswith(("superexec", "supernode")):
             assert _flag(command, "--root-certificates") == "/pki/ca.crt", name
-            assert _flag(command, "--superexec-auth-secret-file") == "/pki/superexec.secret"
-        if name != "register-supernodes":
-            assert "/pki" in [_mount_target(v) for v in svc.get("volumes", [])], name
+            secrets[name] = _flag(command, "--superexec-auth-secret-file")
+        # the key material a service sees is exactly the files its command names
+        mounted = {_mount_target(v) for v in svc.get("volumes", [])
+                   if _mount_target(v).startswith("/pki")}
+        used = {c for c in command if c.startswith("/pki/")}
+        if name == "register-supernodes":
+            used = set(re.findall(r"/pki/[\w./-]+\w", command[0]))
+        assert mounted == used, (name, mounted ^ used)
+        assert "/pki" not in mounted and "/pki/ca.key" not in mounted, name
+    # a SuperExec shares a secret with its own Runtime API only
+    assert secrets["superexec-serverapp"] == "/pki/superexec.secret"
+    for i in (1, 2):
+        assert secrets[f"supernode-{i}"] == secrets[f"superexec-clientapp-{i}"] == \
+            f"/pki/runtime/supernode-{i}.secret"
     keys = {name: _flag(svc["command"], "--auth-supernode-private-key")
             for name, svc in _supernodes(services).items()}
     assert len(set(keys.values())) == len(keys) == 2
@@ -185,6 +199,23 @@ def test_compose_is_secure_by_default():
     published = [(name, _interpolate(str(p), {})) for name, svc in services.items()
                  for p in svc.get("ports", [])]
     assert published == [("superlink", "127.0.0.1:8000:8000")]
+
+
+def test_certs_make_what_compose_mounts(tmp_path):
+    """Every key file compose mounts is one `fedprune certs` makes with the compose
+    command in its header."""
+    from fedprune.cli import main
+
+    out = tmp_path / "deploy-pki"
+    assert main(["certs", "--out", str(out), "--nodes", "2", "--hosts",
+                 "127.0.0.1,localhost,superlink", "--runtime-hosts",
+                 "supernode-1,supernode-2"]) == 0
+    assert "--runtime-hosts supernode-1,supernode-2" in COMPOSE.read_text()
+    for name, svc in _compose().items():
+        for volume in svc.get("volumes", []):
+            target = _mount_target(volume)
+            if target.startswith("/pki/"):
+                assert (out / target[len("/pki/"):]).is_file(), (name, target)
 
 
 def test_deploy_smoke_config_matches_two_nodes():
@@ -463,8 +494,9 @@ def _node_cmd(port: int, node_port: int, *security: str) -> list[str]:
 def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(tmp_path):
     """TLS + node authentication as run_local.sh starts them: a registered node comes
     online; a node whose key was never registered, a node that does not trust the CA, a
-    plaintext node, and a `flwr` CLI without the CA are all refused; a node with no
-    SuperLink to reach gives up after its retries instead of hanging."""
+    plaintext node, a SuperExec without the SuperLink's secret and a `flwr` CLI without
+    the CA are all refused; a node with no SuperLink to reach gives up after its retries
+    instead of hanging."""
     from fedprune.deploy.pki import make_pki
 
     pki = make_pki(tmp_path / "pki", ["127.0.0.1", "localhost"], nodes=2).root
@@ -476,6 +508,8 @@ def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(
                         "--ssl-ca-certfile", str(pki / "ca.crt"),
                         "--ssl-certfile", str(pki / "server.crt"),
                         "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
+                        "--isolation", "process", "--superexec-auth-secret-file",
+                        str(pki / "superexec.secret"),
                         "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                         "--port", str(port))
         _wait_listening(port, link, tmp_path / "superlink.log")
@@ -514,6 +548,17 @@ def test_secure_superlink_refuses_unregistered_nodes_and_clients_without_the_ca(
             time.sleep(1)
         assert [n["status"] for n in nodes] == ["online"], nodes
         assert good.poll() is None
+        # a SuperExec without the SuperLink's secret cannot take its tasks (HTTP 401)
+        (tmp_path / "wrong.secret").write_text("wrong")
+        execs = [ps.start(tmp_path / f"superexec-{i}.log", "flower-superexec",
+                          "--root-certificates", str(pki / "ca.crt"), *secret,
+                          "--runtime-api-address", f"127.0.0.1:{port}")
+                 for i, secret in enumerate(
+                     [("--superexec-auth-secret-file", str(tmp_path / "wrong.secret")), ()])]
+        for proc in execs:
+            proc.wait(timeout=60)
+        access = (tmp_path / "superlink.log").read_text()
+        assert access.count('"POST /v1/runtime/acquire-task HTTP/1.1" 401') >= 2
         assert _ls_success(ps)  # the CLI with the CA is served ...
         _write_connection(home, port, None)  # ... and without it refused
         assert not _ls_success(ps)
@@ -566,12 +611,26 @@ def test_every_component_on_its_own_host_through_tls(tmp_path, data_root):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["config"]["data.num_clients"] == 2
     names = {name for name, _ in _recorded(log_dir)}
-    assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= names
+    assert {"superlink", "superexec", "supernode-0", "supernode-1", "flwr-run"} <= names
     assert any(name.startswith("child:") for name in names)  # Flower's detached SuperExecs
     for i in range(2):  # each node's key was registered before it started
         assert "registered successfully" in (log_dir / f"register-{i}.log").read_text()
     assert "insecure" not in (log_dir / "flwr-home" / "config.toml").read_text()
     assert not _namespaces(prefix) and not _leftovers(log_dir)
+
+
+def test_a_netns_prefix_in_use_is_refused_and_left_alone(tmp_path):
+    prefix = _netns_prefix()
+    netns = str(REPO / "experiments" / "deploy" / "netns.sh")
+    subprocess.run(["bash", netns, "up", prefix, "1"], check=True, capture_output=True)
+    try:
+        before = _namespaces(prefix)
+        out = _script("--netns", prefix, "--nodes", "1", "--log-dir", str(tmp_path))
+        assert out.returncode == 2 and "exist already" in out.stderr, out.stderr
+        assert _namespaces(prefix) == before and len(before) == 4  # switch, link, op, node
+    finally:
+        subprocess.run(["bash", netns, "down", prefix], capture_output=True)
+    assert not _namespaces(prefix)
 
 
 def _after_round(run: Path, round_: int, seconds: float = 240) -> None:

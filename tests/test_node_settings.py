@@ -61,7 +61,18 @@ def test_files_named_by_the_server_must_be_trusted(tmp_path):
         "method.name=pooled", "method.model=cnn", f"method.weights={weights}", "fed.rounds=0"]))
     with pytest.raises(ConfigError, match=r"method\.weights=.*outside its trusted paths"):
         localize(cfg, {}, {})
-    assert localize(cfg, {"trusted-paths": str(tmp_path / "models")}, {})
+    trusted = localize(cfg, {"trusted-paths": str(tmp_path / "models")}, {})
+    assert trusted.method.weights == str(weights)
+    escape = for_clients(load_config("default", [  # '..' out of the trusted folder
+        "method.name=pooled", "method.model=cnn", "fed.rounds=0",
+        f"method.weights={tmp_path / 'models' / '..' / 'secret.safetensors'}"]))
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="outside its trusted paths"):
+        localize(escape, {"trusted-paths": str(tmp_path / "models")}, {})
+    # a file only the server reads (fixed's round-0 mask) is none of the client's business
+    server_only = for_clients(load_config("default", [
+        "method.name=fixed", "method.init=file", "method.file=/srv/masks.safetensors"]))
+    assert localize(server_only, {}, {}).method.file == "/srv/masks.safetensors"
     with pytest.raises(ConfigError, match="trusted paths"):  # a sibling folder is not inside
         localize(cfg, {"trusted-paths": str(tmp_path / "mod")}, {})
     lm = for_clients(load_config("default", ["method.name=pooled", "fed.rounds=0",

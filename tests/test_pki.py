@@ -97,3 +97,20 @@ def test_certs_command_makes_and_checks_and_fails_with_status_2(tmp_path, capsys
                  "--nodes", "3"]) == 0
     assert main(["certs", "--out", str(out), "--check", "--nodes", "4"]) == 2
     assert "node-3 does not exist" in capsys.readouterr().err
+
+
+def test_a_node_public_key_from_another_pair_is_named(pki, tmp_path):
+    mixed = _copy(pki, tmp_path)
+    shutil.copy(mixed.node_public(1), mixed.node_public(0))
+    with pytest.raises(PkiError, match=r"node-0\.pub does not belong to .*node-0"):
+        check_node_key(mixed.node_key(0))
+
+
+def test_a_stale_world_readable_temp_file_does_not_leak_its_mode(tmp_path):
+    root = tmp_path / "pki"
+    (root / "nodes").mkdir(parents=True)
+    stale = root / "ca.key.tmp"
+    stale.write_text("old")
+    stale.chmod(0o644)
+    pki = make_pki(root, ["127.0.0.1"], nodes=1)
+    assert stat.S_IMODE(pki.ca_key.stat().st_mode) == 0o600

@@ -13,7 +13,7 @@
 #   PREFIX-op     .2   the operator (`flwr supernode register`, `flwr run`)
 #   PREFIX-node-i .(10+i)  SuperNode i
 # `up` prints "name namespace address" lines; `down` succeeds when nothing is left.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap of `up` also fires inside host()
 
 die() { echo "netns.sh: $*" >&2; exit 2; }
 [ $# -ge 2 ] || die "usage: netns.sh up PREFIX NODES | down PREFIX | list PREFIX"
@@ -43,8 +43,8 @@ down() {
 host() {  # host NAME INDEX ADDRESS-SUFFIX: a namespace with eth0 on the bridge
     local ns=$PREFIX-$1 i=$2 addr=10.$NET.0.$3
     ip netns add "$ns"
-    ip link add "v$PREFIX$i" type veth peer name eth0 netns "$ns"
-    ip link set "v$PREFIX$i" netns "$SWITCH"
+    # made inside the switch's namespace: no interface ever appears in the machine's own
+    ip -n "$SWITCH" link add "v$PREFIX$i" type veth peer name eth0 netns "$ns"
     ip -n "$SWITCH" link set "v$PREFIX$i" master br0 up
     ip -n "$ns" addr add "$addr/24" dev eth0
     ip -n "$ns" link set eth0 up

@@ -225,9 +225,11 @@ trap 'exit 143' TERM
 # ---- hosts: loopback, or one network namespace per component (--netns)
 on() { [ -z "$NETNS" ] || echo "ip netns exec $NETNS-$1"; }  # command prefix for host $1
 if [ -n "$NETNS" ]; then
-    NETNS_UP=1
+    # `up` removes what it made if it fails, and refuses (touching nothing) a prefix in
+    # use: only namespaces this run made are torn down on exit
     TABLE=$(bash "$REPO/experiments/deploy/netns.sh" up "$NETNS" "$NODES") \
         || die "could not make the network namespaces of --netns $NETNS"
+    NETNS_UP=1
     echo "$TABLE" >"$LOG_DIR/hosts"
     HOST=$(awk '$1 == "link" {print $3}' <<<"$TABLE")
     log "hosts (network namespaces): $(tr '\n' ';' <<<"$TABLE")"
@@ -249,8 +251,12 @@ else
     PKI=$(cd "$PKI" 2>/dev/null && pwd) || die "--pki folder does not exist"
     fedprune certs --check --out "$PKI" --hosts "$HOST" --nodes "$NODES" >&2 \
         || die "the certificates in $PKI cannot serve this deployment (see above)"
+    # Process isolation: the ServerApp's SuperExec is our own process, authenticated to
+    # the SuperLink's Runtime API by the shared secret. (Flower ignores the secret in the
+    # default subprocess mode, and the Runtime API shares the port every node reaches.)
     SUPERLINK_SECURITY=(--ssl-ca-certfile "$PKI/ca.crt" --ssl-certfile "$PKI/server.crt"
-                        --ssl-keyfile "$PKI/server.key" --enable-supernode-auth)
+                        --ssl-keyfile "$PKI/server.key" --enable-supernode-auth
+                        --isolation process --superexec-auth-secret-file "$PKI/superexec.secret")
     CONNECTION_SECURITY="root-certificates = \"$PKI/ca.crt\""
 fi
 cat > "$FLWR_HOME/config.toml" <<EOF
@@ -282,6 +288,11 @@ SUPERLINK_PID=${GROUPS_STARTED[-1]}
 wait_for_port link "$HOST" "$PORT" "$SUPERLINK_PID" 60 \
     || { tail -n 30 "$LOG_DIR/superlink.log" >&2; exit 1; }
 log "SuperLink up on $HOST:$PORT (pid $SUPERLINK_PID)"
+if [ "$INSECURE" = 0 ]; then
+    start superexec "$LOG_DIR/superexec.log" $(on link) flower-superexec \
+        --root-certificates "$PKI/ca.crt" --superexec-auth-secret-file "$PKI/superexec.secret" \
+        --runtime-api-address "$HOST:$PORT"
+fi
 
 # ---- SuperNodes, one partition each; with auth, each key is registered first. A node's
 # Runtime API (its own SuperExec) listens on its host's loopback only.
@@ -342,7 +353,11 @@ while running "$RUN_PID"; do
         for ((i = 0; i < NODES; i++)); do
             group_running "${NODE_PIDS[i]}" && continue
             [ "$SECONDS" -ge "${NEXT_TRY[i]:-0}" ] || continue
-            [ "$RESTARTS" -lt $((20 * NODES)) ] || { log "too many SuperNode restarts"; break 2; }
+            if [ "$RESTARTS" -ge $((20 * NODES)) ]; then  # stop restarting, keep watching
+                log "too many SuperNode restarts: no more"
+                RESTART_NODES=0
+                break
+            fi
             RESTARTS=$((RESTARTS + 1))
             NEXT_TRY[i]=$((SECONDS + RESTART_BACKOFF))
             log "SuperNode $i is gone; starting it again (restart $RESTARTS)"

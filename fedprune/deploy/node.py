@@ -109,8 +109,7 @@ def own_settings(cfg: ExperimentConfig) -> dict[str, str]:
     for key, (name, _) in NODE_OWNED.items():
         if _get(cfg, key) != _default(key):
             out[name] = str(_get(cfg, key))
-    method = type(cfg.method)
-    files = [getattr(cfg.method, n) for n in (*method.paths, *method.maybe_paths)]
+    files = [getattr(cfg.method, n) for n in client_file_options(cfg)]
     files = [f for f in files if f and Path(f).expanduser().exists()]
     if files:
         out[TRUSTED[0]] = os.pathsep.join(str(Path(f).expanduser().resolve()) for f in files)
@@ -132,10 +131,17 @@ def _is_under(path: Path, folders: list[Path]) -> bool:
     return any(path == f or f in path.parents for f in folders)
 
 
+def client_file_options(cfg: ExperimentConfig) -> list[str]:
+    """The method options that may name a file a client opens (server-only ones left out:
+    e.g. ``fixed``'s round-0 mask file, which only the server reads)."""
+    method = type(cfg.method)
+    return [n for n in (*method.paths, *method.maybe_paths) if n not in method.server_paths]
+
+
 def check_server_paths(cfg: ExperimentConfig, trusted: list[Path]) -> None:
     """Method options that name files on this node must lie under ``trusted``."""
     method = type(cfg.method)
-    for name in (*method.paths, *method.maybe_paths):
+    for name in client_file_options(cfg):
         value = getattr(cfg.method, name)
         if not value:
             continue

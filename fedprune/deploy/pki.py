@@ -14,9 +14,10 @@ One folder holds everything a deployment needs (``make_pki``):
 - ``superexec.secret``: a shared secret that authenticates SuperExec processes to a
   Runtime API reached over a network (compose), so that not anyone who reaches the port
   can pull tasks.
-- ``runtime/<host>.crt`` / ``.key`` (optional): TLS for a SuperNode's Runtime API where
-  its SuperExec dials it over a network (compose: ``supernode-1``), one per host, so no
-  node holds the SuperLink's key.
+- ``runtime/<host>.crt`` / ``.key`` / ``.secret`` (optional): TLS and the SuperExec
+  secret for a SuperNode's Runtime API where its SuperExec dials it over a network
+  (compose: ``supernode-1``), one set per host, so no node holds the SuperLink's key or
+  another node's secret. ``superexec.secret`` is then the SuperLink's Runtime API's.
 
 Private keys are written with mode 0600. Nothing here imports Flower.
 """
@@ -72,6 +73,9 @@ class Pki:
     def runtime_key(self, host: str) -> Path:
         return self.root / "runtime" / f"{host}.key"
 
+    def runtime_secret(self, host: str) -> Path:
+        return self.root / "runtime" / f"{host}.secret"
+
     def node_key(self, index: int) -> Path:
         return self.root / "nodes" / f"node-{index}"
 
@@ -82,7 +86,9 @@ class Pki:
 def _write(path: Path, data: bytes, private: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    tmp.unlink(missing_ok=True)  # a stale file would keep its mode; O_EXCL refuses links
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -183,6 +189,7 @@ def make_pki(root: str | Path, hosts: list[str], nodes: int, days: float = 365.0
         make_node_key(pki, index)
     for host in runtime_hosts:
         make_server_cert(pki, [host], days, now, pki.runtime_cert(host), pki.runtime_key(host))
+        _write(pki.runtime_secret(host), secrets.token_hex(32).encode(), private=True)
     _write(pki.superexec_secret, secrets.token_hex(32).encode(), private=True)
     return pki
 
@@ -234,7 +241,11 @@ def check_server(pki: Pki, host: str, now: dt.datetime | None = None,
     except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no base here
         raise PkiError(f"certificate {cert_path} is not signed by the CA {pki.ca_cert}: "
                        "clients that trust that CA will refuse it") from err
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PkiError(f"certificate {cert_path} has no subject alternative names: clients "
+                       "refuse it (re-issue with `fedprune certs --hosts ...`)") from None
     known = [str(v) for v in names.get_values_for_type(x509.DNSName)]
     known += [str(v) for v in names.get_values_for_type(x509.IPAddress)]
     if host not in known:
@@ -254,3 +265,13 @@ def check_node_key(path: Path) -> None:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"SuperNode key {path} is {type(key).__name__}; Flower needs ECDSA "
                        "(P-384: `fedprune certs`)")
+    public = path.with_name(path.name + ".pub")  # what gets registered
+    if public.exists():
+        try:
+            registered = serialization.load_ssh_public_key(public.read_bytes())
+        except ValueError as err:
+            raise PkiError(f"SuperNode public key {public} is not an OpenSSH key: {err}") \
+                from err
+        if registered.public_numbers() != key.public_key().public_numbers():
+            raise PkiError(f"SuperNode public key {public} does not belong to {path}: the "
+                           "node would be refused after registering it")

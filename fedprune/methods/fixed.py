@@ -36,6 +36,7 @@ class FixedConfig(MethodConfig):
     init: str = "erk"  # dense | uniform | erk | global_magnitude | random | file
     file: str = ""  # init=file: an earlier run's mask.safetensors
     paths: ClassVar[tuple[str, ...]] = ("file",)
+    server_paths: ClassVar[tuple[str, ...]] = ("file",)  # the round-0 mask: server side
 
     def __post_init__(self) -> None:
         check_choice("method.init", self.init, tuple(MASK_INITS) + ("file",))

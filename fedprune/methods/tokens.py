@@ -46,10 +46,9 @@ def parse_schedules(text: str, pruner: str) -> list[list[float]] | list[int]:
 
 
 def make_pruner(pruner: str, schedule):
-    from ..prune.tokens import token_pruner
+    from ..prune.tokens import schedule_pruner
 
-    return token_pruner(pruner, r=schedule) if pruner == "tome" else \
-        token_pruner(pruner, keep=schedule)
+    return schedule_pruner(pruner, schedule)
 
 
 @torch.no_grad()

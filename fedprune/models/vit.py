@@ -91,7 +91,8 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.dim, self.heads, self.tokens = dim, heads, tokens + 1
-        self.last_tokens: list[int] = []  # tokens entering each block in the last forward
+        # tokens entering each block in the last forward, then those leaving the last one
+        self.last_tokens: list[int] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
@@ -101,20 +102,25 @@ class ViT(nn.Module):
         for block in self.blocks:
             self.last_tokens.append(x.shape[1])
             x, sizes = block(x, sizes)
+        self.last_tokens.append(x.shape[1])
         return self.head(self.norm(x)[:, 0])
 
     def flops(self, tokens: list[int] | None = None) -> float:
-        """Multiply-accumulates x 2 of one image's forward pass, given the tokens entering
-        each block (default: none removed) and the tokens left after each block's
-        reducer (the next block's count; the last block keeps its own)."""
-        tokens = tokens or [self.tokens] * len(self.blocks)
+        """Multiply-accumulates x 2 of one image's matrix products (patch embedding,
+        attention, MLP, head), given ``last_tokens``: the tokens entering each block and,
+        last, those leaving the last block (default: none removed). A block's MLP runs on
+        what its reducer left (the next entry). The reducers' own work (WPR iterations,
+        similarities, merges) is not counted here: measured images/s include it."""
+        tokens = tokens or [self.tokens] * (len(self.blocks) + 1)
+        if len(tokens) != len(self.blocks) + 1:
+            raise ValueError(f"flops needs {len(self.blocks) + 1} token counts (each block's "
+                             f"input and the last block's output), got {len(tokens)}")
         d, total = self.dim, 0.0
         patches = self.tokens - 1
         total += 2 * patches * d * self.patch_embed.in_channels * \
             self.patch_embed.kernel_size[0] * self.patch_embed.kernel_size[1]
         for i, block in enumerate(self.blocks):
-            n = tokens[i]
-            after = tokens[i + 1] if i + 1 < len(tokens) else n
+            n, after = tokens[i], tokens[i + 1]
             hidden = block.fc1.out_features
             total += 2 * n * d * 3 * d  # qkv
             total += 2 * 2 * n * n * d  # q k^T and probs v

@@ -20,7 +20,7 @@ import torch
 
 from ...data.cache import atomic_write
 from ..adapters import adapter_for
-from .methods import token_pruner
+from .methods import schedule_pruner
 
 
 @dataclass
@@ -44,13 +44,13 @@ def make_pruner(job: TokenJob):
             raise ValueError("--keep is a zero-tprune/random schedule; tome takes --merge-r")
         if job.r < 1:
             raise ValueError(f"--merge-r must be >= 1 for tome, got {job.r}")
-        return token_pruner("tome", r=job.r, **job.options)
+        return schedule_pruner("tome", job.r, **job.options)
     if job.r:
         raise ValueError(f"--merge-r is ToMe's schedule; {job.method} takes --keep")
     if not job.keep:
         raise ValueError(f"{job.method} needs --keep: the fraction of tokens each block keeps, "
                          "e.g. --keep 1,0.7,1,0.7,1,0.7")
-    return token_pruner(job.method, keep=list(job.keep), **job.options)
+    return schedule_pruner(job.method, job.keep, **job.options)
 
 
 def _measure(model, dataset: str, job: TokenJob, device) -> dict[str, Any]:

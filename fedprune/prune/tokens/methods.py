@@ -57,6 +57,14 @@ def token_pruners() -> list[str]:
     return sorted(_TOKEN_PRUNERS)
 
 
+def schedule_pruner(name: str, schedule, **options) -> "TokenPruner":
+    """``name`` on one schedule: ToMe's r (tokens merged per block), the others' keep
+    fractions per block."""
+    if name == "tome":
+        return token_pruner(name, r=schedule, **options)
+    return token_pruner(name, keep=list(schedule), **options)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, C), index (B, K) -> (B, K, C)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
