@@ -34,30 +34,24 @@ def settings(args) -> list[tuple[str, str, dict]]:
     return out
 
 
-def measure(model, dataset, method, options, args) -> dict:
-    from fedprune.prune.cnn import accuracy_on_test
-    from fedprune.prune.structured.speed import images_per_s
+def measure_setting(model, dataset, method, options, args) -> dict:
+    from fedprune.prune.tokens.job import measure
 
     pruner = token_pruner(method, **options) if method != "dense" else None
     if pruner:
         pruner.attach(model)
     try:
-        row = {"accuracy": accuracy_on_test(model, dataset, subset=args.eval_images)}
-        row["tokens"] = list(model.last_tokens)
-        row["flops"] = model.flops(model.last_tokens)
-        row["images_per_s_b1"] = images_per_s(model, 1, repeats=20)
-        row["images_per_s_b64"] = images_per_s(model, 64, repeats=5)
+        return measure(model, dataset, args.eval_images)
     finally:
         if pruner:
             pruner.detach(model)
-    return row
 
 
 def table(out: Path) -> None:
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     dense = next(r for r in rows if r["method"] == "dense")
     lines = [f"Dense: {100 * dense['accuracy']:.2f}% top-1, {dense['flops'] / 1e6:.1f} MFLOPs, "
-             f"{dense['images_per_s_b1']:.0f} / {dense['images_per_s_b64']:.0f} im/s "
+             f"{dense['images_per_s_batch1']:.0f} / {dense['images_per_s_batch64']:.0f} im/s "
              "(batch 1 / 64)", "",
              "| method | setting | FLOPs (% dense) | top-1 (%) | change (points) | "
              "im/s b1 (x dense) | im/s b64 (x dense) |", "|---|---|---|---|---|---|---|"]
@@ -67,8 +61,8 @@ def table(out: Path) -> None:
         lines.append(
             f"| {r['method']} | {r['setting']} | {100 * r['flops'] / dense['flops']:.1f} | "
             f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - dense['accuracy']):+.2f} | "
-            f"{r['images_per_s_b1'] / dense['images_per_s_b1']:.2f} | "
-            f"{r['images_per_s_b64'] / dense['images_per_s_b64']:.2f} |")
+            f"{r['images_per_s_batch1'] / dense['images_per_s_batch1']:.2f} | "
+            f"{r['images_per_s_batch64'] / dense['images_per_s_batch64']:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -79,7 +73,7 @@ def table(out: Path) -> None:
         pts = [r for r in rows if r["method"] == method]
         axes[0].plot([r["flops"] / dense["flops"] for r in pts],
                      [100 * r["accuracy"] for r in pts], "o-", label=method)
-        axes[1].plot([r["images_per_s_b64"] for r in pts], [100 * r["accuracy"] for r in pts],
+        axes[1].plot([r["images_per_s_batch64"] for r in pts], [100 * r["accuracy"] for r in pts],
                      "o-", label=method)
     for ax in axes:
         ax.axhline(100 * dense["accuracy"], color="gray", ls="--", label="dense")
@@ -123,7 +117,8 @@ def main() -> None:
             continue
         row = {"method": method, "setting": setting, "model": args.model,
                "epochs": args.epochs, "machine": platform.platform(),
-               "command": " ".join(sys.argv), **measure(model, dataset, method, options, args)}
+               "command": " ".join(sys.argv),
+               **measure_setting(model, dataset, method, options, args)}
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("method", "setting", "accuracy", "flops")}),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,8 +31,8 @@ def ray_address_file() -> Path:
     """Where `ray start --head` records the address that ray.init() finds later."""
     try:
         from ray._common.utils import get_ray_address_file  # internal API
-    except ImportError:
-        return Path("/tmp/ray/ray_current_cluster")
+    except ImportError:  # Ray's default: <system temp dir>/ray
+        return Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     return Path(get_ray_address_file(None))
 
 

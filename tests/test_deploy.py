@@ -234,12 +234,18 @@ def test_run_local_rejects_bad_arguments(tmp_path):
     assert usage.returncode == 0 and "--overrides" in usage.stdout
 
 
-def _script(*args: str) -> subprocess.CompletedProcess:
+def _venv_env(**extra: str) -> dict[str, str]:
+    """This environment with the venv running the tests first on PATH (the script and
+    Flower find their binaries there, whatever VIRTUAL_ENV says)."""
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, **extra, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+                          timeout=60, env=_venv_env())
 
 
 def test_run_local_refuses_bad_certificates_before_starting_anything(tmp_path):
@@ -363,9 +369,7 @@ def _run_script(tmp_path: Path, overrides: str, timeout: float = 300,
     ``during(log_dir)`` runs while the script does (e.g. to kill one of its processes)."""
     port = _free_port_block(3)
     log_dir = tmp_path / log_name
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("VIRTUAL_ENV", None)  # use the venv running this test, found via PATH
+    env = _venv_env()
     cmd = ["bash", str(SCRIPT), "--nodes", "2", "--port", str(port),
            "--node-port-base", str(port + 1), "--config", config,
            "--overrides", overrides, "--log-dir", str(log_dir), "--timeout", str(timeout - 60),
@@ -447,9 +451,7 @@ class _Processes:
 
     def __init__(self, home: Path) -> None:
         self.home, self.procs = home, []
-        venv_bin = str(Path(sys.executable).parent)
-        self.env = {**os.environ, "FLWR_HOME": str(home),
-                    "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+        self.env = _venv_env(FLWR_HOME=str(home))
 
     def start(self, log: Path, *cmd: str) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,

@@ -53,14 +53,17 @@ def make_pruner(job: TokenJob):
     return schedule_pruner(job.method, job.keep, **job.options)
 
 
-def _measure(model, dataset: str, job: TokenJob, device) -> dict[str, Any]:
+def measure(model, dataset: str, eval_images: int = 0, speed: bool = True,
+            device="cpu") -> dict[str, Any]:
+    """Test accuracy (first ``eval_images``; 0 = all), the token counts and FLOPs of that
+    pass, and measured images/s at batch 1 and 64 (``speed``), as the model stands."""
     from ..cnn import accuracy_on_test
     from ..structured.speed import images_per_s
 
-    row = {"accuracy": accuracy_on_test(model, dataset, device=device, subset=job.eval_images)}
+    row = {"accuracy": accuracy_on_test(model, dataset, device=device, subset=eval_images)}
     row["tokens_per_block"] = list(model.last_tokens)
     row["flops"] = model.flops(model.last_tokens)
-    if job.speed:
+    if speed:
         row["images_per_s_batch1"] = images_per_s(model, 1, repeats=20)
         row["images_per_s_batch64"] = images_per_s(model, 64, repeats=5)
     return row
@@ -80,10 +83,10 @@ def run_token_job(job: TokenJob) -> dict[str, Any]:
     adapter_for(model).token_blocks(model)  # a model without token sites fails here
     report: dict[str, Any] = {"job": asdict(job), "machine": platform.platform(),
                               "threads": torch.get_num_threads()}
-    report["dense"] = _measure(model, dataset, job, device)
+    report["dense"] = measure(model, dataset, job.eval_images, job.speed, device)
     pruner.attach(model)
     try:
-        report["pruned"] = _measure(model, dataset, job, device)
+        report["pruned"] = measure(model, dataset, job.eval_images, job.speed, device)
     finally:
         pruner.detach(model)
     dense, pruned = report["dense"], report["pruned"]
