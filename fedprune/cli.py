@@ -47,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = with_absolute_paths(load_config(name, overrides))
     try:  # a wrong data root fails here, not after Flower and Ray have started
         resolve_data_root(cfg.data.root)
+        if cfg.model.init_file and not Path(cfg.model.init_file).is_file():
+            raise FileNotFoundError(f"model.init_file={cfg.model.init_file!r} does not exist")
     except FileNotFoundError as err:
         print(f"fedprune: {err}", file=sys.stderr)
         return 2
@@ -91,6 +93,22 @@ def _option_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def _token_row(r: dict, speed: bool) -> str:
+    if "accuracy" in r:  # an image model
+        text = f"accuracy {100 * r['accuracy']:.2f}%, {r['flops'] / 1e6:.1f} MFLOPs"
+        if speed:
+            text += (f", {r['images_per_s_batch1']:.0f} im/s (b1), "
+                     f"{r['images_per_s_batch64']:.0f} im/s (b64)")
+        return text
+    # a sentence encoder, against its unpruned embeddings
+    text = (f"cosine {r['cosine_mean']:.4f} (min {r['cosine_min']:.4f}), retrieval "
+            f"{100 * r['retrieval_top1']:.1f}%, {r['flops'] / 1e6:.1f} MFLOPs/sentence")
+    if speed:
+        text += (f", {r['sentences_per_s_batch1']:.0f} sent/s (b1), "
+                 f"{r['sentences_per_s_batched']:.0f} sent/s (batched)")
+    return text
+
+
 def cmd_prune_tokens(args: argparse.Namespace) -> int:
     from .prune.tokens.job import TokenJob, run_token_job
 
@@ -102,7 +120,8 @@ def cmd_prune_tokens(args: argparse.Namespace) -> int:
         return 2
     job = TokenJob(model=args.model, method=args.method, keep=keep, r=args.merge_r,
                    options={k: _option_value(v) for k, v in options.items()},
-                   epochs=args.cnn_epochs, eval_images=args.eval_images, out=args.out,
+                   epochs=args.cnn_epochs, eval_images=args.eval_images,
+                   eval_sentences=args.eval_sentences, out=args.out,
                    device=args.device, seed=args.seed, speed=not args.skip_speed)
     try:
         report = run_token_job(job)
@@ -110,13 +129,12 @@ def cmd_prune_tokens(args: argparse.Namespace) -> int:
         print(f"fedprune prune: {err}", file=sys.stderr)
         return 2
     for row in ("dense", "pruned"):
-        r = report[row]
-        speed = (f", {r['images_per_s_batch1']:.0f} im/s (b1), "
-                 f"{r['images_per_s_batch64']:.0f} im/s (b64)") if job.speed else ""
-        print(f"{row:>6}: accuracy {100 * r['accuracy']:.2f}%, {r['flops'] / 1e6:.1f} MFLOPs, "
-              f"tokens {r['tokens_per_block']}{speed}")
-    print(f"FLOPs -{100 * report['flops_reduction']:.1f}%, accuracy "
-          f"{-100 * report['accuracy_drop']:+.2f} points; report: {args.out}/report.json")
+        print(f"{row:>6}: {_token_row(report[row], job.speed)}")
+    quality = (f"accuracy {-100 * report['accuracy_drop']:+.2f} points" if "accuracy_drop"
+               in report else f"embedding cosine {report['pruned']['cosine_mean']:.4f}, "
+               f"twin retrieval {100 * report['pruned']['retrieval_top1']:.1f}%")
+    print(f"FLOPs -{100 * report['flops_reduction']:.1f}%, {quality}; "
+          f"report: {args.out}/report.json")
     return 0
 
 
@@ -243,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "CNN: DATASET:MODEL[:WIDTH], e.g. cifar10:resnet8 (trained briefly first)")
     pr.add_argument("--method", default="wanda",
                     help="weights: magnitude | wanda | sparsegpt | admm; tokens (an image "
-                         "transformer, --model cifar10:vit[:WIDTH]): zero-tprune | tome | "
-                         "random")
+                         "transformer, --model cifar10:vit[:WIDTH], or a sentence encoder, "
+                         "--model minilm): zero-tprune | tome | random")
     pr.add_argument("--sparsity", type=float, default=None,
                     help="fraction of each prunable layer set to zero, in [0, 1) (default 0.5)")
     pr.add_argument("--pattern", default="", help="N:M semi-structured, e.g. 2:4")
@@ -274,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--merge-r", type=int, default=0, help="tome: tokens merged per block")
     pr.add_argument("--eval-images", type=int, default=0,
                     help="token pruning: test images evaluated (0: all)")
+    pr.add_argument("--eval-sentences", type=int, default=512,
+                    help="token pruning of a sentence encoder (--model minilm): held-out "
+                         "WikiText-2 test sentences embedded")
     pr.add_argument("--skip-speed", action="store_true",
                     help="token pruning: do not measure images/s")
     pr.set_defaults(func=cmd_prune)

@@ -81,6 +81,9 @@ class ModelConfig:
     name: str = "resnet8"
     width: int = 16  # CNNs: channels of the first stage (later stages scale); ViT: dim / 4
     num_classes: int = 10
+    # safetensors file of the starting global weights (e.g. a trained model to prune or
+    # fine-tune federatedly); read by the server only: clients receive the global model
+    init_file: str = ""
 
     def __post_init__(self) -> None:
         check_choice("model.name", self.name, MODELS)
@@ -111,6 +114,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_batch_size: int = 500
+    # "sgd" (momentum) for the CNNs; "adamw" is what vision transformers train with
+    optimizer: str = "sgd"
+    # "constant", or "cosine" over this call's steps after ``warmup_steps`` linear warm-up
+    # (a schedule per call: a federated round's local training restarts it)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         check_value("train.local_epochs", self.local_epochs >= 1, "must be >= 1", self.local_epochs)
@@ -119,6 +128,12 @@ class TrainConfig:
         check_value("train.lr", self.lr > 0, "must be > 0", self.lr)
         check_value("train.momentum", 0 <= self.momentum < 1, "must be in [0, 1)", self.momentum)
         check_value("train.weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
+        check_value("train.optimizer", self.optimizer in ("sgd", "adamw"),
+                    "must be 'sgd' or 'adamw'", self.optimizer)
+        check_value("train.lr_schedule", self.lr_schedule in ("constant", "cosine"),
+                    "must be 'constant' or 'cosine'", self.lr_schedule)
+        check_value("train.warmup_steps", self.warmup_steps >= 0, "must be >= 0",
+                    self.warmup_steps)
 
 
 STRATEGIES = ("sparse_fedavg",)
@@ -526,7 +541,7 @@ def from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
 
 # Settings that name files or folders: relative to the directory of the command that
 # read them, so they are made absolute before a config goes to a process running elsewhere.
-PATH_KEYS = ("data.root", "data.cache_dir", "run.out_dir")
+PATH_KEYS = ("data.root", "data.cache_dir", "run.out_dir", "model.init_file")
 
 
 def with_absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:

@@ -7,6 +7,7 @@ momentum never accumulates at pruned positions) and weights are re-masked after 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterable
 
@@ -48,7 +49,8 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
                 on_backward: Callable[[], None] | None = None,
                 regularizer: Callable[[], torch.Tensor] | None = None,
                 extra_params: list[dict] | None = None) -> dict[str, float]:
-    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD.
+    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps`` batches) of SGD or
+    AdamW (``cfg.optimizer``), with ``cfg.lr_schedule`` over this call's steps.
 
     ``on_backward`` runs after each backward pass, before gradients are masked (FedTiny
     reads the pruned positions' gradients there). ``regularizer()`` is added to each
@@ -58,8 +60,8 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
     model.to(device).train()
     masked = _masked_params(model, masks)
     groups = [{"params": list(model.parameters())}, *(extra_params or [])]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(groups, cfg)
+    sched = make_schedule(opt, cfg, _planned_steps(batches, cfg))
     with torch.no_grad():  # incoming weights may carry values at pruned positions
         for p, m in masked:
             p.mul_(m)
@@ -77,6 +79,8 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
                     if p.grad is not None:
                         p.grad.mul_(m)
             opt.step()
+            if sched is not None:
+                sched.step()
             with torch.no_grad():
                 for p, m in masked:
                     p.mul_(m)
@@ -89,6 +93,41 @@ def train_local(model: nn.Module, batches: Batches, cfg: TrainConfig,
             break
     return {"train_loss": loss_sum / max(seen, 1), "steps": steps, "examples": seen,
             "seconds": time.perf_counter() - t0}
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def _planned_steps(batches: Batches, cfg: TrainConfig) -> int:
+    try:
+        per_epoch = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = 0
+    steps = per_epoch * cfg.local_epochs
+    return min(steps, cfg.max_steps) if cfg.max_steps and steps else (steps or cfg.max_steps)
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    """Linear warm-up then cosine to zero over ``steps`` (None: constant learning rate)."""
+    if cfg.lr_schedule == "constant" and not cfg.warmup_steps:
+        return None
+    if cfg.lr_schedule == "cosine" and steps <= 0:
+        raise ValueError("train.lr_schedule='cosine' needs a known number of steps: batches "
+                         "with a length, or train.max_steps")
+    warm = cfg.warmup_steps
+    decay = max(steps - warm, 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, decay) / decay))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @torch.no_grad()

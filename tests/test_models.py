@@ -59,3 +59,30 @@ def test_resnet_depths_match_the_paper():
 def test_duplicate_model_name_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_model("resnet8")(lambda cfg, c: nn.Linear(1, 1))
+
+
+def test_init_file_starts_the_server_from_a_file_and_names_a_mismatch(tmp_path):
+    from safetensors.torch import save_file
+
+    from fedprune.config import ConfigError, load_config
+    from fedprune.deploy.node import for_clients
+    from fedprune.fl.server_core import SparseServer
+    from fedprune.models.weights import load_weights_file
+
+    torch.manual_seed(1)
+    trained = build_model(ModelConfig(name="vit", width=4))
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
+    cfg = load_config("default", ["model.name=vit", "model.width=4", "mask.density=1.0",
+                                  f"model.init_file={path}", "data.train_subset=200"])
+    server = SparseServer(cfg)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(server.model.state_dict()[name], tensor)
+    assert for_clients(cfg).model.init_file == ""  # a server file never reaches a client
+    with pytest.raises(ConfigError, match=r"tensor blocks.0.attn.proj.bias has shape \(16,\), "
+                                          r"the model's is \(32,\)"):
+        load_weights_file(build_model(ModelConfig(name="vit", width=8)), str(path))
+    with pytest.raises(ConfigError, match="does not fit model ResNet.*missing"):
+        load_weights_file(build_model(ModelConfig(name="resnet8", width=4)), str(path))
+    with pytest.raises(FileNotFoundError, match="model.init_file='nope.safetensors'"):
+        load_weights_file(trained, "nope.safetensors")

@@ -77,6 +77,26 @@ def test_s_stage_drops_the_planted_duplicate_from_the_less_important_half():
     assert ZeroTPrune().s_stage(importance, keys, 1).tolist() == [[0, 1, 2, 3, 4, 6]]
 
 
+def test_restricted_graph_scores_equal_the_gathered_sub_graph():
+    """WPR + head filter on the full-size restricted graph (what the I-stage runs after the
+    S-stage) equals the same on the explicitly gathered, renormalised sub-matrix."""
+    from fedprune.prune.tokens.wpr import restrict
+
+    torch.manual_seed(0)
+    att = torch.softmax(3 * torch.randn(2, 3, 9, 9), -1)
+    present = torch.ones(2, 9, dtype=torch.bool)
+    present[0, [2, 5]] = False
+    present[1, [1, 7]] = False
+    pruner = ZeroTPrune(v_min=0.05, v_max=0.5)
+    full = pruner.importance(restrict(att, present), 7, present)
+    for b in range(2):
+        idx = present[b].nonzero().flatten()
+        sub = att[b:b + 1][:, :, idx][:, :, :, idx]
+        sub = sub / sub.sum(-1, keepdim=True)
+        torch.testing.assert_close(full[b, idx], pruner.importance(sub, 7)[0])
+        assert (full[b, ~present[b]] == 0).all()
+
+
 def test_tome_merges_the_planted_pair_into_a_size_weighted_mean():
     n, d = 6, 6
     metric = torch.eye(n, d).unsqueeze(0)

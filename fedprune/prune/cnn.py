@@ -27,11 +27,25 @@ from ..models import build_model
 from ..train import evaluate, train_local
 
 
+def reference_recipe(model_cfg: ModelConfig, epochs: int, lr: float) -> tuple[TrainConfig, str]:
+    """The centralized training of a reference model and its cache tag. CNNs: SGD at
+    ``lr`` (the foundation's local training). ViT: AdamW (lr 1e-3, weight decay 0.05),
+    one epoch of linear warm-up, then cosine, as vision transformers are trained (at a
+    CNN's SGD learning rate a ViT barely learns); ``lr`` is ignored for it."""
+    if model_cfg.name == "vit":
+        warm = -(-50_000 // 128)  # one CIFAR epoch of batches
+        return (TrainConfig(local_epochs=epochs, lr=1e-3, weight_decay=0.05, batch_size=128,
+                            optimizer="adamw", lr_schedule="cosine", warmup_steps=warm),
+                "adamw1e-3-cos")
+    return TrainConfig(local_epochs=epochs, lr=lr, batch_size=128), f"lr{lr}"
+
+
 def reference_cnn(model_cfg: ModelConfig, dataset: str = "cifar10", epochs: int = 3,
                   seed: int = 0, lr: float = 0.05, root: str = "", cache_dir: str = "",
                   device: torch.device | str = "cpu") -> nn.Module:
-    """A briefly trained dense CNN, cached under the fedprune cache dir."""
-    key = f"{dataset}-{model_cfg.name}-w{model_cfg.width}-e{epochs}-lr{lr}-s{seed}"
+    """A briefly trained dense model (CNN or ViT), cached under the fedprune cache dir."""
+    recipe, tag = reference_recipe(model_cfg, max(epochs, 1), lr)  # epochs 0: not trained
+    key = f"{dataset}-{model_cfg.name}-w{model_cfg.width}-e{epochs}-{tag}-s{seed}"
     path = resolve_cache_dir(cache_dir) / "cnn-reference" / f"{key}.safetensors"
     torch.manual_seed(seed)
     model = build_model(model_cfg, dataset)
@@ -44,8 +58,7 @@ def reference_cnn(model_cfg: ModelConfig, dataset: str = "cifar10", epochs: int 
         return model.to(device)
     train = load_split(dataset, "train", root, cache_dir)
     loader = make_loader(train, dataset, 128, shuffle=True, augment=True, seed=seed)
-    train_local(model, loader, TrainConfig(local_epochs=epochs, lr=lr, batch_size=128), None,
-                device)
+    train_local(model, loader, recipe, None, device)
     _save_atomic(model, path)
     return model
 

@@ -159,7 +159,19 @@ class Adapter(ABC):
         ``last_attention`` / ``last_keys`` of its last forward pass)."""
         raise ValueError(f"{self.family} adapter: token pruning needs a transformer whose "
                          f"attention probabilities can be read; {type(model).__name__} "
-                         "has none (supported: fedprune's ViT, model.name=vit)")
+                         "has none (supported: fedprune's ViT, model.name=vit, and "
+                         "Hugging Face BERT-style encoders)")
+
+    def token_counts(self, model: nn.Module) -> list[int]:
+        """Tokens entering each token block in the last forward pass, then those leaving
+        the last block."""
+        self.token_blocks(model)
+        raise NotImplementedError
+
+    def token_flops(self, model: nn.Module, tokens: list[int]) -> float:
+        """FLOPs (multiply-accumulates x 2) of one example given ``token_counts``."""
+        self.token_blocks(model)
+        raise NotImplementedError
 
     # ---- structure (structured and depth pruning) -----------------------------------------
 

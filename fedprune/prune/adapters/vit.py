@@ -21,3 +21,9 @@ class ViTAdapter(CNNAdapter):
 
     def token_blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
+
+    def token_counts(self, model: nn.Module) -> list[int]:
+        return list(model.last_tokens)
+
+    def token_flops(self, model: nn.Module, tokens: list[int]) -> float:
+        return model.flops(tokens)

@@ -1,11 +1,16 @@
-"""`fedprune prune --method zero-tprune|tome|random` on an image transformer: accuracy,
-FLOPs and measured throughput before and after token pruning, in one report.
+"""`fedprune prune --method zero-tprune|tome|random`: before and after token pruning, in
+one report, for two kinds of model:
 
-The model is the briefly trained reference of ``--model DATASET:vit[:WIDTH]`` (cached,
-as for CNNs: fedprune.prune.cnn.reference_cnn). Token pruning changes no weight, so the
-dense and pruned rows use the same model, the pruner attached or not. FLOPs come from
-the token counts each block saw (``ViT.flops``); images/s are measured (median of timed
-runs at batch 1 and 64, on whatever else the machine is doing: record the load).
+- an image transformer, ``--model DATASET:vit[:WIDTH]``: the briefly trained reference
+  (cached, as for CNNs: fedprune.prune.cnn.reference_cnn); accuracy on the test split,
+  FLOPs, images/s at batch 1 and 64;
+- a sentence encoder, ``--model minilm`` (or a BERT-style folder / hub id): embedding
+  fidelity on held-out WikiText-2 sentences (``tokens.encoder``), FLOPs, sentences/s.
+
+Token pruning changes no weight, so the dense and pruned rows use the same model, the
+pruner attached or not. FLOPs come from the token counts each block saw (through the
+adapter); speed is measured (median of timed runs, on whatever else the machine is doing:
+record the load).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from .methods import schedule_pruner
 
 @dataclass
 class TokenJob:
-    model: str = "cifar10:vit:16"
+    model: str = "cifar10:vit:16"  # or a sentence encoder: minilm, a folder, a hub id
     method: str = "zero-tprune"
     keep: list[float] = field(default_factory=list)  # per block (zero-tprune, random)
     r: int = 0  # tokens merged per block (tome)
     options: dict[str, Any] = field(default_factory=dict)  # e.g. s_share, seed
     epochs: int = 3  # reference training epochs (cached)
     eval_images: int = 0  # 0 = the whole test split
+    eval_sentences: int = 512  # encoders: held-out WikiText-2 sentences
     out: str = "runs/tokens"
     device: str = "auto"
     seed: int = 0
@@ -61,40 +67,81 @@ def measure(model, dataset: str, eval_images: int = 0, speed: bool = True,
     from ..structured.speed import images_per_s
 
     row = {"accuracy": accuracy_on_test(model, dataset, device=device, subset=eval_images)}
-    row["tokens_per_block"] = list(model.last_tokens)
-    row["flops"] = model.flops(model.last_tokens)
+    adapter = adapter_for(model)
+    row["tokens_per_block"] = adapter.token_counts(model)
+    row["flops"] = adapter.token_flops(model, row["tokens_per_block"])
     if speed:
         row["images_per_s_batch1"] = images_per_s(model, 1, repeats=20)
         row["images_per_s_batch64"] = images_per_s(model, 64, repeats=5)
     return row
 
 
-def run_token_job(job: TokenJob) -> dict[str, Any]:
+def is_image_model(spec: str) -> bool:
+    from ...data.sources import DATASET_NAMES
+
+    return ":" in spec and spec.split(":", 1)[0] in DATASET_NAMES
+
+
+def _image_rows(job: TokenJob, pruner, device) -> dict[str, Any]:
     from ...config import ModelConfig
-    from ...train import select_device
     from ..cnn import reference_cnn
     from ..job import _parse_cnn_model
 
     dataset, arch, width = _parse_cnn_model(job.model)
-    pruner = make_pruner(job)  # bad schedules fail before any training
-    device = select_device(job.device)
     model = reference_cnn(ModelConfig(name=arch, width=width), dataset, job.epochs, job.seed,
                           device=device).eval()
     adapter_for(model).token_blocks(model)  # a model without token sites fails here
-    report: dict[str, Any] = {"job": asdict(job), "machine": platform.platform(),
-                              "threads": torch.get_num_threads()}
-    report["dense"] = measure(model, dataset, job.eval_images, job.speed, device)
+    report = {"dense": measure(model, dataset, job.eval_images, job.speed, device)}
     pruner.attach(model)
     try:
         report["pruned"] = measure(model, dataset, job.eval_images, job.speed, device)
     finally:
         pruner.detach(model)
-    dense, pruned = report["dense"], report["pruned"]
-    report["flops_reduction"] = 1 - pruned["flops"] / dense["flops"]
-    report["accuracy_drop"] = dense["accuracy"] - pruned["accuracy"]
+    report["accuracy_drop"] = report["dense"]["accuracy"] - report["pruned"]["accuracy"]
     if job.speed:
         for b in ("batch1", "batch64"):
-            report[f"speedup_{b}"] = pruned[f"images_per_s_{b}"] / dense[f"images_per_s_{b}"]
+            report[f"speedup_{b}"] = (report["pruned"][f"images_per_s_{b}"]
+                                      / report["dense"][f"images_per_s_{b}"])
+    return report
+
+
+def _encoder_rows(job: TokenJob, pruner, device) -> dict[str, Any]:
+    from ...lm.loading import load_encoder
+    from .encoder import held_out_sentences, length_batches, measure_encoder, sentences_per_s
+
+    model, tokenizer = load_encoder(job.model, attn_implementation="eager")
+    model.to(device).eval()
+    if tokenizer is None:
+        raise FileNotFoundError(f"--model {job.model}: the encoder folder has no tokenizer")
+    adapter_for(model).token_blocks(model)  # a model without token sites fails here
+    batches = length_batches(held_out_sentences(tokenizer, job.eval_sentences), 64)
+    dense, reference = measure_encoder(model, batches, None, job.speed, device)
+    if job.speed:  # the fused kernel, for the honest dense baseline (it returns no probs)
+        model.config._attn_implementation = "sdpa"
+        dense["sentences_per_s_batched_sdpa"] = sentences_per_s(model, batches, device)
+        model.config._attn_implementation = "eager"
+    report = {"dense": dense, "sentences": len(reference)}
+    pruner.attach(model)
+    try:
+        report["pruned"], _ = measure_encoder(model, batches, reference, job.speed, device)
+    finally:
+        pruner.detach(model)
+    if job.speed:
+        for b in ("batch1", "batched"):
+            report[f"speedup_{b}"] = (report["pruned"][f"sentences_per_s_{b}"]
+                                      / report["dense"][f"sentences_per_s_{b}"])
+    return report
+
+
+def run_token_job(job: TokenJob) -> dict[str, Any]:
+    from ...train import select_device
+
+    pruner = make_pruner(job)  # bad schedules fail before any model is built
+    device = select_device(job.device)
+    rows = _image_rows if is_image_model(job.model) else _encoder_rows
+    report: dict[str, Any] = {"job": asdict(job), "machine": platform.platform(),
+                              "threads": torch.get_num_threads(), **rows(job, pruner, device)}
+    report["flops_reduction"] = 1 - report["pruned"]["flops"] / report["dense"]["flops"]
     text = json.dumps(report, indent=1).encode()
     atomic_write(Path(job.out) / "report.json", lambda f: f.write(text))
     return report

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import adapter_for
-from .wpr import combine_heads, default_cls_weight, iterations_for, weighted_pagerank
+from .wpr import combine_heads, default_cls_weight, iterations_for, restrict, weighted_pagerank
 
 _TOKEN_PRUNERS: dict[str, type["TokenPruner"]] = {}
 
@@ -165,16 +165,25 @@ class ZeroTPrune(TokenPruner):
         if not 0 <= self.s_share <= 1:
             raise ValueError(f"zero-tprune: s_share={self.s_share} is outside [0, 1]")
 
-    def importance(self, attention: torch.Tensor, iterations: int) -> torch.Tensor:
-        n = attention.shape[-1]
+    def importance(self, attention: torch.Tensor, iterations: int,
+                   present: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) importance; ``present`` (B, N, the same count in every row): the tokens
+        of a ``restrict``-ed graph, which alone count for N."""
+        n = attention.shape[-1] if present is None else int(present[0].sum())
         w = default_cls_weight(n) if self.cls_weight == "sqrt" else None
-        return combine_heads(weighted_pagerank(attention, iterations, w), self.v_min,
-                             self.v_max)
+        return combine_heads(weighted_pagerank(attention, iterations, w, present), self.v_min,
+                             self.v_max, present)
 
     def s_stage(self, importance: torch.Tensor, keys: torch.Tensor, r: int) -> torch.Tensor:
         """Indices (B, N - r) of the tokens kept after dropping the ``r`` group-A tokens
         most similar to a group-B token; group A = the less important half of the
         non-class tokens."""
+        b, n = importance.shape
+        keep = self._s_stage_mask(importance, keys, r)
+        return keep.nonzero()[:, 1].view(b, int(keep[0].sum()))
+
+    def _s_stage_mask(self, importance: torch.Tensor, keys: torch.Tensor, r: int
+                      ) -> torch.Tensor:
         b, n = importance.shape
         order = importance[:, 1:].argsort(dim=1) + 1  # ascending importance, class token out
         half = (n - 1) // 2
@@ -186,36 +195,33 @@ class ZeroTPrune(TokenPruner):
         drop = a_idx.gather(1, best.argsort(dim=1, descending=True)[:, :r])
         keep = torch.ones(b, n, dtype=torch.bool, device=importance.device)
         keep.scatter_(1, drop, False)
-        return keep.nonzero()[:, 1].view(b, n - r)
+        return keep
 
     def reduce(self, layer, depth, block, x, sizes, remove):
         attention, keys = block.last_attention, block.last_keys
         if attention is None or keys is None:
             raise ValueError("zero-tprune: the block kept no attention probabilities / keys")
+        b, n = x.shape[:2]
         r_s = round(self.s_share * remove)
-        kept = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        present = None
         if r_s:
             ranking = self.importance(attention, 1)  # I': one vote, for the partition only
-            kept = self.s_stage(ranking, keys, r_s)
-        r_i = remove - (x.shape[1] - kept.shape[1])
+            present = self._s_stage_mask(ranking, keys, r_s)
+        left = n if present is None else int(present[0].sum())
+        r_i = remove - (n - left)
         if r_i > 0:
-            sub = _restrict(attention, kept)
+            # the graph among the tokens the S-stage left, kept full-size (no gathers)
+            graph = attention if present is None else restrict(attention, present)
             early, middle, late = self.iterations
-            scores = self.importance(sub, iterations_for(layer, depth, early, middle, late))
+            scores = self.importance(graph, iterations_for(layer, depth, early, middle, late),
+                                     present)
+            if present is not None:
+                scores = scores.masked_fill(~present, -float("inf"))
             scores[:, 0] = float("inf")  # the class token stays
-            top = scores.topk(kept.shape[1] - r_i, dim=1).indices
-            kept = kept.gather(1, _keep_order(top))
+            kept = _keep_order(scores.topk(left - r_i, dim=1).indices)
+        else:
+            kept = present.nonzero()[:, 1].view(b, left)
         return gather_tokens(x, kept), gather_tokens(sizes, kept)
-
-
-def _restrict(attention: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """The attention graph among ``kept`` tokens (B, K), rows renormalised to sum 1."""
-    b, h, n, _ = attention.shape
-    rows = kept[:, None, :, None].expand(b, h, kept.shape[1], n)
-    sub = attention.gather(2, rows)
-    cols = kept[:, None, None, :].expand(b, h, kept.shape[1], kept.shape[1])
-    sub = sub.gather(3, cols)
-    return sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 @register_token_pruner

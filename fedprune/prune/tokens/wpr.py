@@ -29,39 +29,66 @@ import torch
 
 
 def initial_scores(batch: int, heads: int, n: int, cls_weight: float | None,
-                   device=None, dtype=torch.float32) -> torch.Tensor:
-    """(B, H, N): uniform, or with token 0 weighted ``cls_weight`` times the others."""
+                   device=None, dtype=torch.float32,
+                   present: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, N): uniform over the ``present`` tokens (B, N; default all), token 0
+    weighted ``cls_weight`` times the others."""
     s = torch.ones(batch, heads, n, device=device, dtype=dtype)
+    if present is not None:
+        s = s * present[:, None, :].to(dtype)
     if cls_weight is not None:
         s[..., 0] = cls_weight
     return s / s.sum(-1, keepdim=True)
 
 
+def restrict(attention: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The attention graph among the ``present`` tokens (B, N bool), rows renormalised:
+    absent tokens' rows and columns are zero. The same graph as gathering the present
+    tokens' sub-matrix, kept at full size: no gathers, and WPR on it gives absent tokens
+    zero (they vote for no one and no one votes for them)."""
+    pair = (present[:, :, None] & present[:, None, :]).unsqueeze(1)
+    sub = attention * pair.to(attention.dtype)
+    return sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 def weighted_pagerank(attention: torch.Tensor, iterations: int,
-                      cls_weight: float | None = None) -> torch.Tensor:
+                      cls_weight: float | None = None,
+                      present: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head WPR scores (B, H, N) after ``iterations`` steps of s <- A^T s on
     ``attention`` (B, H, N, N), rows = queries. ``cls_weight``: the class token's initial
-    weight relative to the others (None: uniform; Zero-TPrune's default is sqrt(N))."""
+    weight relative to the others (None: uniform; Zero-TPrune's default is sqrt(N)).
+    ``present`` (B, N): the tokens of a ``restrict``-ed graph (others start at zero)."""
     if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
         raise ValueError(f"attention must be (batch, heads, N, N), got {tuple(attention.shape)}")
     if iterations < 1:
         raise ValueError(f"WPR needs at least one iteration, got {iterations}")
     b, h, n, _ = attention.shape
     a = attention.float()
-    s = initial_scores(b, h, n, cls_weight, attention.device)
+    s = initial_scores(b, h, n, cls_weight, attention.device,
+                       present=present).unsqueeze(-2)  # (B, H, 1, N)
     for _ in range(iterations):
-        s = torch.einsum("bhij,bhi->bhj", a, s)  # s_new[j] = sum_i A[i, j] s[i]
-    return s
+        # s_new[j] = sum_i s[i] A[i, j], as a row vector times A: a batched GEMM that
+        # runs ~13x faster on a CPU than the same product written as an einsum (measured)
+        s = s @ a
+    return s.squeeze(-2)
 
 
 def combine_heads(scores: torch.Tensor, v_min: float | None = 0.01,
-                  v_max: float | None = 0.7) -> torch.Tensor:
+                  v_max: float | None = 0.7, present: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """(B, H, N) per-head scores -> (B, N): root mean square over the heads whose
-    variance of N * s lies in [v_min, v_max] (all heads when None or when none pass)."""
-    n = scores.shape[-1]
+    variance of N * s lies in [v_min, v_max] (all heads when None or when none pass).
+    With ``present`` (B, N), N and the variance count the present tokens only."""
     keep = torch.ones(scores.shape[:2], dtype=torch.bool, device=scores.device)
     if v_min is not None or v_max is not None:
-        var = (scores * n).var(dim=-1, unbiased=False)
+        if present is None:
+            var = (scores * scores.shape[-1]).var(dim=-1, unbiased=False)
+        else:
+            m = present[:, None, :].to(scores.dtype)
+            n = m.sum(-1)  # (B, 1)
+            x = scores * n.unsqueeze(-1)
+            mean = (x * m).sum(-1) / n
+            var = (((x - mean.unsqueeze(-1)) ** 2) * m).sum(-1) / n
         if v_min is not None:
             keep &= var >= v_min
         if v_max is not None:

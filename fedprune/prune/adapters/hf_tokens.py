@@ -1,0 +1,136 @@
+"""Token sites in Hugging Face BERT-style encoder layers (``encoder.layer``): what the token
+pruners of ``fedprune.prune.tokens`` need from a block, installed without changing a weight
+or a state-dict key.
+
+Each layer's ``forward`` is replaced (an instance attribute, so ``state_dict`` names stay
+the model's) by one that runs the layer's own attention, keeps its probabilities and keys
+(``last_attention`` (B, H, N, N), ``last_keys`` (B, H, N, d)), calls the block's
+``reducer`` between attention and feed-forward (where ToMe and Zero-TPrune change the
+token set), and runs the layer's own feed-forward on what is left. ``sizes`` (tokens merged
+into each token) travel in a per-model state reset at each encoder call; with
+``proportional`` on they enter attention as an additive log(size) mask (ToMe's
+proportional attention). The state also records the tokens entering each layer and
+leaving the last, for FLOPs, and the final sizes, for size-weighted mean pooling.
+
+Limits, checked with a clear error: the batch must be unpadded (every sequence the same
+length; batch sentences of equal length together), the encoder must not run
+cross-attention, and the attention implementation must return probabilities (``eager``:
+fused kernels such as ``sdpa`` return none).
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+
+_STATE = "_fedprune_token_state"
+
+
+class TokenState:
+    """Per-model token bookkeeping of the current forward pass."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sizes: torch.Tensor | None = None  # (B, N, 1)
+        self.tokens: list[int] = []  # entering each layer, then leaving the last
+
+
+def _check_unpadded(mask: torch.Tensor | None) -> None:
+    if mask is None:
+        return
+    open_ = mask.all() if mask.dtype == torch.bool else (mask == 0).all()
+    if not bool(open_):
+        raise ValueError("token pruning on a BERT-style encoder needs unpadded batches (every "
+                         "sequence the same length, attention_mask all ones): batch "
+                         "sentences of equal token length together")
+
+
+def _site_forward(self, hidden_states: torch.Tensor, attention_mask=None,
+                  encoder_hidden_states=None, *args, **kwargs) -> torch.Tensor:
+    if encoder_hidden_states is not None:
+        raise ValueError("token pruning does not support cross-attention encoder layers")
+    state: TokenState = getattr(self, _STATE)
+    b, n, _ = hidden_states.shape
+    if state.sizes is None:
+        _check_unpadded(attention_mask)
+        state.sizes = hidden_states.new_ones(b, n, 1)
+    state.tokens.append(n)
+    mask = state.sizes.log().view(b, 1, 1, n) if self.proportional else None
+    active = self.reducer is not None or self.record
+    out, probs = self.attention(hidden_states, mask)
+    if active:
+        if probs is None:
+            impl = getattr(getattr(self.attention.self, "config", None),
+                           "_attn_implementation", "?")
+            raise ValueError(f"token pruning reads attention probabilities, and this model's "
+                             f"attention implementation ({impl!r}) returns none: load it with "
+                             "attn_implementation='eager' (fedprune.lm.load_encoder(..., "
+                             "attn_implementation='eager'))")
+        self.last_attention, self.last_keys = probs, self._fedprune_keys
+    if self.reducer is not None:
+        out, state.sizes = self.reducer(self, out, state.sizes)
+    if not self.record:
+        self.last_attention = self.last_keys = None
+    self._fedprune_keys = None
+    if self is self._fedprune_last:
+        state.tokens.append(out.shape[1])
+    return self.feed_forward_chunk(out)
+
+
+def _keep_keys(layer: nn.Module, heads: int):
+    def hook(module, inputs, output):
+        b, n, _ = output.shape
+        layer._fedprune_keys = output.view(b, n, heads, -1).transpose(1, 2)
+    return hook
+
+
+def install_token_sites(model: nn.Module, encoder: nn.Module, layers: nn.ModuleList
+                        ) -> list[nn.Module]:
+    """Give every layer of ``layers`` (the ``encoder``'s) a token site, once per model."""
+    if getattr(model, _STATE, None) is not None:
+        return list(layers)
+    for i, layer in enumerate(layers):
+        if not (hasattr(layer, "attention") and hasattr(layer, "feed_forward_chunk")
+                and hasattr(layer.attention, "self")):
+            raise ValueError(f"encoder.layer.{i} ({type(layer).__name__}) is not a BERT-style "
+                             "layer (attention + feed_forward_chunk): no token site for it")
+    state = TokenState()
+    object.__setattr__(model, _STATE, state)  # not a submodule: no state-dict entry
+    encoder.register_forward_pre_hook(lambda module, args: state.reset())
+    for layer in layers:
+        object.__setattr__(layer, _STATE, state)
+        object.__setattr__(layer, "_fedprune_last", layers[-1])
+        layer.reducer, layer.record, layer.proportional = None, False, False
+        layer.last_attention = layer.last_keys = layer._fedprune_keys = None
+        heads = layer.attention.self.num_attention_heads
+        layer.attention.self.key.register_forward_hook(_keep_keys(layer, heads))
+        layer.forward = MethodType(_site_forward, layer)
+    return list(layers)
+
+
+def token_state(model: nn.Module) -> TokenState:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("the model has no token sites: attach a token pruner first")
+    return state
+
+
+def encoder_flops(config, tokens: list[int]) -> float:
+    """Multiply-accumulates x 2 of one sequence through the encoder layers, given the
+    tokens entering each layer and leaving the last (attention on a layer's input, the
+    feed-forward on what its reducer left). Embedding lookups cost none; pooling is not
+    counted."""
+    layers = config.num_hidden_layers
+    if len(tokens) != layers + 1:
+        raise ValueError(f"encoder FLOPs need {layers + 1} token counts (each layer's input "
+                         f"and the last layer's output), got {len(tokens)}")
+    d, ff, total = config.hidden_size, config.intermediate_size, 0.0
+    for i in range(layers):
+        n, after = tokens[i], tokens[i + 1]
+        total += 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # qkv, scores, out
+        total += 2 * 2 * after * d * ff
+    return total
