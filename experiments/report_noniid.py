@@ -3,8 +3,9 @@
     .venv/bin/python experiments/report_noniid.py --runs experiments/results/noniid/runs \
         --out experiments/results/noniid
 
-Reads every run directory named ``<method>-a<alpha>-d<density>`` (the names
-``sweep_noniid.py`` gives; alpha is a Dirichlet concentration or ``iid``) and writes:
+Reads every run directory named ``<method>-a<alpha>-d<density>[-s<seed>]`` (the names
+``sweep_noniid.py`` gives; alpha is a Dirichlet concentration or ``iid``; no seed suffix
+means seed 0) and writes:
 
 * ``results.csv``: one row per finished run (its ``summary.json``);
 * ``results.md``: per alpha, final test accuracy (%) with methods as rows and densities as
@@ -17,6 +18,12 @@ Reads every run directory named ``<method>-a<alpha>-d<density>`` (the names
 
 Dense FedAvg does not depend on density: it runs once per alpha (``d1.0``) and its number
 is repeated in every density column. A cell with no finished run shows "—".
+
+Seeds (paired design: every method of a cell runs on the same seeds, i.e. the same
+partition and initial weights): a cell with several seeds shows the mean and the
+half-width of its 95% Student-t interval, and under each table every method's paired
+difference to the column's best baseline (by mean) with its interval; "not
+distinguishable" marks an interval that contains zero (``fedprune.study.paired``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedprune.study import Interval, mean_interval, paired_difference
+
 REPO = Path(__file__).resolve().parent.parent
 MEMORY_JSON = REPO / "experiments" / "results" / "memory" / "memory.json"
 ROUNDS_FILE = "metrics.csv"  # per-round rows (fedprune/fl/recorder.py)
@@ -39,27 +48,30 @@ METHODS = ("dense", "random", "erk", "snip", "synflow", "prunefl", "feddst", "ga
            "fedtiny", "progonly", "reinit")  # progonly: FedTiny without BN selection
 BASELINES = ("random", "erk", "snip", "synflow", "prunefl", "feddst", "gates")
 REF_CELL = ("0.5", 0.05)  # acc_vs_round.png: alpha 0.5, density 0.05
-CSV_COLUMNS = ["method", "alpha", "density", "final_accuracy", "best_accuracy",
+CSV_COLUMNS = ["method", "alpha", "density", "seed", "final_accuracy", "best_accuracy",
                "achieved_density", "flops_vs_dense", "bytes_vs_dense", "wall_seconds",
                "rounds", "run"]
 SETTING_KEYS = ("model.name", "model.width", "data.num_clients", "data.train_subset",
                 "data.test_subset", "fed.rounds", "fed.fraction_train", "train.local_epochs",
                 "train.batch_size", "train.lr")
 DASH = "—"
-_NAME = re.compile(r"^(?P<method>[A-Za-z0-9_]+)-a(?P<alpha>iid|[0-9.]+)-d(?P<density>[0-9.]+)$")
+_NAME = re.compile(r"^(?P<method>[A-Za-z0-9_]+)-a(?P<alpha>iid|[0-9.]+)-d(?P<density>[0-9.]+)"
+                   r"(?:-s(?P<seed>[0-9]+))?$")
 
 
-def cell_name(method: str, alpha: str, density: str) -> str:
-    """Run directory name of one sweep cell, e.g. ``fedtiny-a0.5-d0.05``."""
-    return f"{method}-a{alpha}-d{density}"
+def cell_name(method: str, alpha: str, density: str, seed: int = 0) -> str:
+    """Run directory name of one sweep cell, e.g. ``fedtiny-a0.5-d0.05`` (seed 0) or
+    ``fedtiny-a0.5-d0.05-s2``."""
+    return f"{method}-a{alpha}-d{density}" + (f"-s{seed}" if seed else "")
 
 
-def parse_cell_name(name: str) -> tuple[str, str, float] | None:
-    """``fedtiny-a0.5-d0.05`` -> ("fedtiny", "0.5", 0.05); None for other names."""
+def parse_cell_name(name: str) -> tuple[str, str, float, int] | None:
+    """``fedtiny-a0.5-d0.05-s2`` -> ("fedtiny", "0.5", 0.05, 2); None for other names."""
     match = _NAME.match(name)
     if not match:
         return None
-    return match["method"], match["alpha"], float(match["density"])
+    return (match["method"], match["alpha"], float(match["density"]),
+            int(match["seed"] or 0))
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -102,13 +114,13 @@ def load_runs(runs_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             rows.append(_row(run.name, cell, json.loads(summary_path.read_text())))
         else:
             unfinished.append({"method": cell[0], "alpha": cell[1], "density": cell[2],
-                               "status": _unfinished_line(run)})
+                               "seed": cell[3], "status": _unfinished_line(run)})
     return rows, unfinished
 
 
-def _row(run: str, cell: tuple[str, str, float], summary: dict) -> dict[str, Any]:
-    method, alpha, density = cell
-    return {"method": method, "alpha": alpha, "density": density,
+def _row(run: str, cell: tuple[str, str, float, int], summary: dict) -> dict[str, Any]:
+    method, alpha, density, seed = cell
+    return {"method": method, "alpha": alpha, "density": density, "seed": seed,
             "final_accuracy": summary.get("final_accuracy"),
             "best_accuracy": summary.get("best_accuracy"),
             "achieved_density": summary.get("density"),
@@ -150,12 +162,18 @@ def read_sweep_info(out_dir: Path) -> dict[str, Any]:
 
 
 class Grid:
-    """Finished runs indexed by (method, alpha, density); dense repeats across densities."""
+    """Finished runs indexed by (method, alpha, density), each a {seed: row}; dense
+    repeats across densities."""
 
     def __init__(self, rows: list[dict[str, Any]], unfinished: list[dict[str, Any]],
                  sweep: dict[str, Any]) -> None:
-        self.by_cell = {(r["method"], r["alpha"], r["density"]): r for r in rows}
-        self.dense_by = {(r["method"], r["alpha"]): r for r in rows if r["density"] == 1.0}
+        self.by_cell: dict[tuple, dict[int, dict]] = {}
+        self.dense_by: dict[tuple, dict[int, dict]] = {}
+        for r in sorted(rows, key=lambda r: r.get("seed", 0)):
+            self.by_cell.setdefault((r["method"], r["alpha"], r["density"]), {})[
+                r.get("seed", 0)] = r
+            if r["density"] == 1.0:
+                self.dense_by.setdefault((r["method"], r["alpha"]), {})[r.get("seed", 0)] = r
         cells = rows + unfinished  # a failed cell still gets its row and column
         methods = {r["method"] for r in cells} | set(sweep.get("methods", []))
         alphas = {r["alpha"] for r in cells} | {str(a) for a in sweep.get("alphas", [])}
@@ -171,12 +189,27 @@ class Grid:
         sparse = [m for m in self.methods if m not in free]
         return {**{m: f"C{i % 10}" for i, m in enumerate(sparse)}, **{m: "k" for m in free}}
 
+    def seeds(self, method: str, alpha: str, density: float) -> dict[int, dict[str, Any]]:
+        return self.by_cell.get((method, alpha, density)) or \
+            self.dense_by.get((method, alpha)) or {}
+
     def get(self, method: str, alpha: str, density: float) -> dict[str, Any] | None:
-        return self.by_cell.get((method, alpha, density)) or self.dense_by.get((method, alpha))
+        """The cell's first seed's row (costs are the same on every seed)."""
+        runs = self.seeds(method, alpha, density)
+        return runs[min(runs)] if runs else None
+
+    def accs(self, method: str, alpha: str, density: float) -> dict[int, float]:
+        return {s: r["final_accuracy"] for s, r in self.seeds(method, alpha, density).items()
+                if r["final_accuracy"] is not None}
+
+    def interval(self, method: str, alpha: str, density: float) -> Interval | None:
+        accs = self.accs(method, alpha, density)
+        return mean_interval(list(accs.values())) if accs else None
 
     def acc(self, method: str, alpha: str, density: float) -> float | None:
-        row = self.get(method, alpha, density)
-        return None if row is None or row["final_accuracy"] is None else row["final_accuracy"]
+        """Mean final accuracy over the cell's seeds."""
+        iv = self.interval(method, alpha, density)
+        return None if iv is None else iv.mean
 
     def best_baseline(self, suffix: str, alpha: str, density: float
                       ) -> tuple[float, list[str]] | None:
@@ -197,6 +230,23 @@ def _pct(value: float | None) -> str:
     return DASH if value is None else f"{100 * value:.2f}"
 
 
+def _pct_interval(iv: Interval | None) -> str:
+    """"12.34" for one seed, "12.34 ± 0.56 (n=3)" for several."""
+    if iv is None:
+        return DASH
+    if iv.n == 1:
+        return _pct(iv.mean)
+    return f"{100 * iv.mean:.2f} ± {100 * iv.half_width:.2f} (n={iv.n})"
+
+
+def _pp_interval(iv: Interval) -> str:
+    text = f"{100 * iv.mean:+.2f} pp"
+    if iv.n == 1:
+        return text + " (one seed)"
+    verdict = "" if iv.distinguishable else ", not distinguishable"
+    return f"{text} [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}] (n={iv.n}{verdict})"
+
+
 def _gap(a: float | None, b: float | None) -> str:
     return DASH if a is None or b is None else f"{100 * (a - b):+.2f} pp"
 
@@ -213,13 +263,37 @@ def accuracy_table(grid: Grid, alpha: str) -> list[str]:
         suffix = split_method(method)[1]
         cells = []
         for d in grid.densities:
-            text = _pct(grid.acc(method, alpha, d))
+            text = _pct_interval(grid.interval(method, alpha, d))
             best = grid.best_baseline(suffix, alpha, d)
             if best and method in best[1]:
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines + [""] + gap_lines(grid, alpha)
+    return lines + [""] + gap_lines(grid, alpha) + paired_lines(grid, alpha)
+
+
+def paired_lines(grid: Grid, alpha: str) -> list[str]:
+    """Every method minus the column's best baseline, paired over the seeds both ran
+    (only where some cell of this alpha has more than one seed)."""
+    if not any(len(grid.accs(m, alpha, d)) > 1 for m in grid.methods for d in grid.densities):
+        return []
+    out = ["", "Paired differences to the best baseline of each column (mean over common "
+           "seeds, 95% t interval):"]
+    for method in grid.methods:
+        suffix = split_method(method)[1]
+        parts = []
+        for d in grid.densities:
+            best = grid.best_baseline(suffix, alpha, d)
+            mine = grid.accs(method, alpha, d)
+            if not best or not mine or method in best[1]:
+                continue
+            theirs = grid.accs(best[1][0], alpha, d)
+            if set(mine) & set(theirs):
+                parts.append(f"{d:g}: {_pp_interval(paired_difference(mine, theirs))} "
+                             f"vs {best[1][0]}")
+        if parts:
+            out.append(f"- {method}: " + "; ".join(parts))
+    return out
 
 
 def gap_lines(grid: Grid, alpha: str) -> list[str]:
@@ -293,10 +367,10 @@ def plot_acc_vs_density(grid: Grid, path: Path) -> Path:
     colors = grid.colors()
     for ax, alpha in zip(axes[0], alphas):
         for method in grid.methods:
-            dense = grid.dense_by.get((method, alpha))
-            if dense is not None and dense["final_accuracy"] is not None:
-                ax.axhline(100 * dense["final_accuracy"], ls="--", color=colors[method], lw=1,
-                           label=method)
+            if (method, alpha) in grid.dense_by:
+                mean = grid.acc(method, alpha, 1.0)
+                if mean is not None:
+                    ax.axhline(100 * mean, ls="--", color=colors[method], lw=1, label=method)
                 continue
             pts = [(d, grid.acc(method, alpha, d)) for d in grid.densities]
             pts = [(d, 100 * a) for d, a in pts if a is not None]
@@ -437,7 +511,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
         writer.writeheader()
         order = {m: i for i, m in enumerate(method_order({r["method"] for r in rows}))}
         for row in sorted(rows, key=lambda r: (_alpha_key(r["alpha"]), order[r["method"]],
-                                                r["density"])):
+                                                r["density"], r.get("seed", 0))):
             writer.writerow(row)
     return path
 

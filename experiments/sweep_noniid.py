@@ -8,10 +8,14 @@ A method is one config, ``<configs>/<method>.yaml``. Each cell runs, in a subpro
 after another::
 
     python -m fedprune.cli run <configs>/<method>.yaml <partition> mask.density=D [--set ...]
-        run.out_dir=<out>/runs run.name=<method>-a<alpha>-d<density>
+        run.out_dir=<out>/runs run.name=<method>-a<alpha>-d<density>[-s<seed>]
 
 where the partition is ``data.partitioner=iid`` for alpha ``iid`` and
-``data.partitioner=dirichlet data.alpha=A`` otherwise. Dense FedAvg (``method.init=dense``
+``data.partitioner=dirichlet data.alpha=A`` otherwise. ``--seeds S ...`` (default 0) runs
+every cell on each seed: ``data.seed=S mask.seed=S run.seed=S`` for every method of the
+cell (the same partition and, where the method allows, the same initial weights: a paired
+design); seed 0 keeps the unsuffixed run names. Cells run per alpha, per density, per seed,
+so the first alphas and densities given get all their seeds first. Dense FedAvg (``method.init=dense``
 of the ``fixed`` method) has no density: it runs once per alpha as ``d1.0``. ``reinit`` rows (the
 random-reinit control) take ``method.file`` from the finished ``fedtiny`` run of the same cell
 (``reinit_vgg11`` from ``fedtiny_vgg11``), so cells run in the order of
@@ -59,10 +63,11 @@ class Cell:
     config: Path
     overrides: tuple[str, ...]
     mask_from: str = ""  # run name whose mask.safetensors this cell loads
+    seed: int = 0
 
     @property
     def name(self) -> str:
-        return cell_name(self.method, self.alpha, self.density)
+        return cell_name(self.method, self.alpha, self.density, self.seed)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "fedprune.cli", "run", str(self.config),
@@ -100,31 +105,45 @@ def is_density_free(base: ExperimentConfig) -> bool:
     return base.method.name == "fixed" and base.method.init == "dense"
 
 
+def seed_overrides(seed: int) -> list[str]:
+    """One seed for everything seeded: the partition, the mask choices, the weights."""
+    return [f"data.seed={seed}", f"mask.seed={seed}", f"run.seed={seed}"]
+
+
 def plan(methods: list[str], alphas: list[str], densities: list[str], configs: Path,
-         out: Path, sets: list[str], rounds: int | None) -> list[Cell]:
-    """Cells in run order: per alpha, per density, methods in dependency order."""
+         out: Path, sets: list[str], rounds: int | None, seeds: list[int] = (0,)
+         ) -> list[Cell]:
+    """Cells in run order: per alpha, per density, per seed, methods in dependency order."""
     bases = {m: load_config(str(configs / f"{m}.yaml")) for m in methods}
     runs = out.resolve() / "runs"
     cells = []
     for alpha in alphas:
         for i, density in enumerate(densities):
-            for method in methods:
-                base = bases[method]
-                free = is_density_free(base)
-                if free and i > 0:
-                    continue
-                d = "1.0" if free else density
-                overrides = partition_overrides(alpha) + ([] if free else [f"mask.density={d}"])
-                source = MASK_FROM.get(split_method(method)[0])
-                mask_from = ""
-                if source:
-                    mask_from = cell_name(source + split_method(method)[1], alpha, d)
-                    overrides.append(f"method.file={runs / mask_from / 'mask.safetensors'}")
-                overrides += list(sets) + rounds_overrides(base, rounds, sets)
-                overrides += [f"run.out_dir={runs}", f"run.name={cell_name(method, alpha, d)}"]
-                cells.append(Cell(method, alpha, d, (configs / f"{method}.yaml").resolve(),
-                                  tuple(overrides), mask_from))
+            for seed in seeds:
+                for method in methods:
+                    base = bases[method]
+                    if is_density_free(base) and i > 0:
+                        continue
+                    cells.append(_cell(method, base, alpha, density, seed, configs, runs,
+                                       sets, rounds))
     return cells
+
+
+def _cell(method: str, base: ExperimentConfig, alpha: str, density: str, seed: int,
+          configs: Path, runs: Path, sets: list[str], rounds: int | None) -> Cell:
+    free = is_density_free(base)
+    d = "1.0" if free else density
+    overrides = partition_overrides(alpha) + ([] if free else [f"mask.density={d}"])
+    source = MASK_FROM.get(split_method(method)[0])
+    mask_from = ""
+    if source:
+        mask_from = cell_name(source + split_method(method)[1], alpha, d, seed)
+        overrides.append(f"method.file={runs / mask_from / 'mask.safetensors'}")
+    overrides += list(sets) + rounds_overrides(base, rounds, sets)
+    overrides += seed_overrides(seed) if seed else []  # seed 0: the configs' own (all 0)
+    overrides += [f"run.out_dir={runs}", f"run.name={cell_name(method, alpha, d, seed)}"]
+    return Cell(method, alpha, d, (configs / f"{method}.yaml").resolve(), tuple(overrides),
+                mask_from, seed)
 
 
 def done_reason(cell: Cell, run_dir: Path) -> str | None:
@@ -245,7 +264,7 @@ def _gpu_name() -> str:
 
 
 def record_sweep(out: Path, argv: list[str], methods: list[str], alphas: list[str],
-                 densities: list[str]) -> None:
+                 densities: list[str], seeds: list[int] = (0,)) -> None:
     """Append this invocation to <out>/sweep.json (what results.md quotes)."""
     path = out / "sweep.json"
     info = json.loads(path.read_text()) if path.exists() else {}
@@ -253,7 +272,7 @@ def record_sweep(out: Path, argv: list[str], methods: list[str], alphas: list[st
         {"command": "experiments/sweep_noniid.py " + shlex.join(argv),
          "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     info.update(machine=describe_machine(), methods=methods, alphas=alphas,
-                densities=densities)
+                densities=densities, seeds=list(seeds))
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2))
 
@@ -308,6 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder of <method>.yaml row configs")
     p.add_argument("--out", default="experiments/results/noniid",
                    help="results folder; runs go to <out>/runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds of every cell (data, mask and run seed; a paired design)")
     p.add_argument("--rounds", type=int, default=None, help="override fed.rounds of every row")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every cell (repeatable)")
@@ -330,6 +351,12 @@ def check_args(args: argparse.Namespace, configs: Path) -> list[str]:
     for d in args.densities:
         if not _positive(d) or float(d) > 1:
             raise SystemExit(f"sweep: --densities {d!r}: need a number in (0, 1]")
+    if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"sweep: --seeds {args.seeds}: need distinct seeds >= 0")
+    seeded = [s for s in args.set if s.split("=", 1)[0] in ("data.seed", "mask.seed",
+                                                               "run.seed")]
+    if seeded and args.seeds != [0]:
+        raise SystemExit(f"sweep: --set {seeded} and --seeds both set seeds: use --seeds")
     bad = [s for s in args.set if "=" not in s]
     if bad:
         raise SystemExit(f"sweep: --set {bad}: need key=value")
@@ -349,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     configs, out = Path(args.configs), Path(args.out)
     methods = check_args(args, configs)
     try:
-        cells = plan(methods, args.alphas, args.densities, configs, out, args.set, args.rounds)
+        cells = plan(methods, args.alphas, args.densities, configs, out, args.set, args.rounds,
+                     args.seeds)
     except ConfigError as err:
         raise SystemExit(f"sweep: config error: {err}") from None
     if args.dry_run:
@@ -357,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = done_reason(cell, out.resolve() / "runs" / cell.name)
             print(f"# skip {cell.name} ({reason})" if reason else shlex.join(cell.command()))
         return 0
-    record_sweep(out, argv, methods, args.alphas, args.densities)
+    record_sweep(out, argv, methods, args.alphas, args.densities, args.seeds)
     failures = sweep(cells, out, args.cell_timeout or None)
     build_report(out.resolve() / "runs", out)
     print(f"[sweep] done; {len(failures)} failed{': ' + ', '.join(failures) if failures else ''}"

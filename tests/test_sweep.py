@@ -127,6 +127,28 @@ def test_dry_run_commands_and_reinit_mask_file(tools, capsys, tmp_path):
     assert f"method.file={runs / 'fedtiny-aiid-d0.1' / 'mask.safetensors'}" in cmds[9]
 
 
+def test_seeds_pair_every_method_of_a_cell(tools, capsys, tmp_path):
+    lines = _dry_run(tools, capsys, "--methods", "reinit", "fedtiny", "dense", "--alphas",
+                     "0.1", "--densities", "0.01", "0.05", "--seeds", "0", "1",
+                     "--out", str(tmp_path))
+    runs = tmp_path.resolve() / "runs"
+    cmds = [shlex.split(ln) for ln in lines]
+    names = [c[-1].removeprefix("run.name=") for c in cmds]
+    # per density, all seeds; dense once per seed; seed 0 keeps the old names
+    assert names == ["dense-a0.1-d1.0", "fedtiny-a0.1-d0.01", "reinit-a0.1-d0.01",
+                     "dense-a0.1-d1.0-s1", "fedtiny-a0.1-d0.01-s1", "reinit-a0.1-d0.01-s1",
+                     "fedtiny-a0.1-d0.05", "reinit-a0.1-d0.05",
+                     "fedtiny-a0.1-d0.05-s1", "reinit-a0.1-d0.05-s1"]
+    seeded = ["data.seed=1", "mask.seed=1", "run.seed=1"]
+    assert all(all(s in c for s in seeded) == n.endswith("-s1") for c, n in zip(cmds, names))
+    assert f"method.file={runs / 'fedtiny-a0.1-d0.01-s1' / 'mask.safetensors'}" in cmds[5]
+    with pytest.raises(SystemExit, match="distinct seeds"):
+        tools[1].main(["--seeds", "1", "1", "--dry-run", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="use --seeds"):
+        tools[1].main(["--seeds", "0", "1", "--set", "run.seed=3", "--dry-run",
+                       "--out", str(tmp_path)])
+
+
 def test_rounds_override_scales_gates(tools, capsys, tmp_path):
     lines = _dry_run(tools, capsys, "--methods", "gates", "--alphas", "0.1", "--densities",
                      "0.05", "--rounds", "6", "--out", str(tmp_path))
@@ -218,7 +240,7 @@ def test_build_report_csv_table_and_plots(tools, tmp_path):
     assert [(r["method"], r["alpha"], r["density"]) for r in rows] == [
         ("dense", "0.5", "1.0"), ("random", "0.5", "0.05"), ("erk", "0.5", "0.05"),
         ("fedtiny", "0.5", "0.05"), ("erk", "iid", "0.1")]
-    assert rows[3] == {"method": "fedtiny", "alpha": "0.5", "density": "0.05",
+    assert rows[3] == {"method": "fedtiny", "alpha": "0.5", "density": "0.05", "seed": "0",
                        "final_accuracy": "0.4321", "best_accuracy": "0.44",
                        "achieved_density": "0.0512", "flops_vs_dense": "0.07",
                        "bytes_vs_dense": "0.07", "wall_seconds": "60.0", "rounds": "2",
@@ -245,6 +267,35 @@ def test_build_report_csv_table_and_plots(tools, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "client_memory.png").exists()
     assert "alpha = 0.5, density 0.05" in md  # acc_vs_round's cell
+
+
+def _summary(run: Path, final: float) -> None:
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "rounds": 2, "final_accuracy": final, "best_accuracy": final, "density": 0.05,
+        "flops_vs_dense": 0.1, "bytes_vs_dense": 0.1, "wall_seconds": 1.0,
+        "config": {"fed.rounds": 2}}))
+
+
+def test_report_pairs_methods_over_seeds(tools, tmp_path):
+    report, _ = tools
+    runs = tmp_path / "runs"
+    erk = [0.40, 0.50, 0.45]  # the seeds differ a lot; fedtiny is erk + 2 pp on each
+    snip = [0.41, 0.46, 0.47]  # best mean? no: erk 45.0, snip 44.67 -> erk is the best
+    for seed in range(3):
+        _summary(runs / report.cell_name("erk", "0.5", "0.05", seed), erk[seed])
+        _summary(runs / report.cell_name("snip", "0.5", "0.05", seed), snip[seed])
+        _summary(runs / report.cell_name("fedtiny", "0.5", "0.05", seed),
+                 erk[seed] + 0.02 + 0.001 * seed)
+    assert report.cell_name("erk", "0.5", "0.05", 0) == "erk-a0.5-d0.05"  # seed 0: old names
+    assert report.parse_cell_name("erk-a0.5-d0.05-s2") == ("erk", "0.5", 0.05, 2)
+    md = report.build_report(runs, tmp_path / "out", memory_json=None)["markdown"]
+    # erk: mean 45.00, sd 5 pp -> half-width 4.303 * 5 / sqrt(3) = 12.42 pp
+    assert "| erk | **45.00 ± 12.42 (n=3)** |" in md
+    # paired: differences 2.0, 2.1, 2.2 pp -> mean 2.10, sd 0.1, half-width 0.25
+    assert "- fedtiny: 0.05: +2.10 pp [+1.85, +2.35] (n=3) vs erk" in md
+    # snip - erk: +1, -4, +2 pp -> the interval contains zero
+    assert "- snip: 0.05: -0.33 pp" in md and "(n=3, not distinguishable) vs erk" in md
 
 
 def test_report_uses_sweep_record_for_command_machine_and_grid(tools, tmp_path):

@@ -1,0 +1,5 @@
+"""What a study needs beyond single runs: paired comparisons over seeds with intervals."""
+
+from .paired import Interval, mean_interval, paired_difference, t_critical
+
+__all__ = ["Interval", "mean_interval", "paired_difference", "t_critical"]
