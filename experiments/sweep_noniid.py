@@ -15,8 +15,9 @@ where the partition is ``data.partitioner=iid`` for alpha ``iid`` and
 every cell on each seed: ``data.seed=S mask.seed=S run.seed=S`` for every method of the
 cell (the same partition and, where the method allows, the same initial weights: a paired
 design); seed 0 keeps the unsuffixed run names. Cells run per alpha, per density, per seed,
-so the first alphas and densities given get all their seeds first. Dense FedAvg (``method.init=dense``
-of the ``fixed`` method) has no density: it runs once per alpha as ``d1.0``. ``reinit`` rows (the
+so the first alphas and densities given get all their seeds first. Dense FedAvg
+(``method.init=dense`` of the ``fixed`` method) has no density: it runs once per alpha (and
+seed) as ``d1.0``. ``reinit`` rows (the
 random-reinit control) take ``method.file`` from the finished ``fedtiny`` run of the same cell
 (``reinit_vgg11`` from ``fedtiny_vgg11``), so cells run in the order of
 ``report_noniid.METHODS``. With a rounds override, the gates' ``method.rounds`` keeps its share of
