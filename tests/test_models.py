@@ -86,3 +86,22 @@ def test_init_file_starts_the_server_from_a_file_and_names_a_mismatch(tmp_path):
         load_weights_file(build_model(ModelConfig(name="resnet8", width=4)), str(path))
     with pytest.raises(FileNotFoundError, match="model.init_file='nope.safetensors'"):
         load_weights_file(trained, "nope.safetensors")
+
+
+def test_init_file_takes_a_runs_own_model_file(tmp_path):
+    """A run writes scalars (BN's num_batches_tracked) as shape (1,): they still load."""
+    from safetensors.torch import save_file
+
+    from fedprune.models.weights import load_weights_file
+
+    torch.manual_seed(2)
+    run_model = build_model(ModelConfig(name="resnet8", width=4))
+    state = {k: (v.reshape(1) if v.dim() == 0 else v).contiguous()
+             for k, v in run_model.state_dict().items()}
+    state["bn1.num_batches_tracked"] = torch.tensor([7])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    fresh = build_model(ModelConfig(name="resnet8", width=4))
+    load_weights_file(fresh, str(tmp_path / "model.safetensors"))
+    assert fresh.state_dict()["bn1.num_batches_tracked"].shape == ()
+    assert int(fresh.state_dict()["bn1.num_batches_tracked"]) == 7
+    torch.testing.assert_close(fresh.state_dict()["conv1.weight"], state["conv1.weight"])

@@ -101,3 +101,31 @@ def test_a_query_round_below_quorum_stops_with_the_reason(data_root):
         metrics["num-examples"] = 0
     with pytest.raises(QuorumError, match="query round 'scores'"):
         _run(["method.name=snip", "fed.retries=1"], tamper)
+
+
+@pytest.mark.parametrize("planted,unsure,confident,chosen", [
+    # candidates: uniform, erk, global_magnitude; global_magnitude wins by 0.1 on every
+    # client: an established margin, kept under either setting
+    ([[1.0, 1.0, 0.9], [2.0, 2.0, 1.9], [1.5, 1.5, 1.4], [1.2, 1.2, 1.1]], "init", True,
+     "global_magnitude"),
+    # uniform wins on the weighted mean, but two clients prefer erk: not established
+    ([[1.0, 1.2, 2.0], [2.0, 1.9, 3.0], [1.5, 1.7, 2.0], [1.2, 1.1, 2.0]], "init", False,
+     "erk"),
+    ([[1.0, 1.2, 2.0], [2.0, 1.9, 3.0], [1.5, 1.7, 2.0], [1.2, 1.1, 2.0]], "pick", False,
+     "uniform")])
+def test_bn_selection_margin_over_clients_and_the_unsure_fallback(data_root, planted, unsure,
+                                                                  confident, chosen):
+    def tamper(kind, pid, metrics, arrays):
+        if kind == "candidate_loss":
+            metrics["losses"] = planted[pid]
+    _, record = _run(["method.name=fedtiny", "method.candidates=3", "method.init=erk",
+                      f"method.unsure={unsure}"], tamper)
+    margin = record["margin"]
+    assert margin["confident"] is confident and margin["clients"] == 4
+    if confident:  # rival - best = 0.1 on every client: zero spread
+        assert margin["margin"] == pytest.approx(0.1) and margin["low"] == pytest.approx(0.1)
+    else:  # erk - uniform per client: 0.2, -0.1, 0.2, -0.1 -> mean 0.05, contains zero
+        assert margin["rival"] == 1 and margin["margin"] == pytest.approx(0.05)
+        assert margin["low"] < 0 < margin["high"]
+    assert record["chosen"] == chosen
+    assert ("fallback" in record) == (unsure == "init" and not confident)

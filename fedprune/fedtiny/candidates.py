@@ -62,3 +62,15 @@ def select_candidate(losses: list[list[float]], counts: list[int]) -> int:
     weighted = [sum(c * row[k] for row, c in zip(losses, counts)) / total
                 for k in range(width.pop())]
     return min(range(len(weighted)), key=lambda k: (weighted[k], k))
+
+
+def selection_margin(losses: list[list[float]], best: int, rival: int) -> dict[str, float]:
+    """How sure the choice of ``best`` over ``rival`` is: the clients' per-client loss
+    differences (rival - best), their mean and 95% t interval over clients (a paired
+    comparison: a client's data difficulty cancels). ``confident`` when the interval
+    excludes zero. With one client there is no interval (not confident)."""
+    from ..study import mean_interval
+
+    iv = mean_interval([row[rival] - row[best] for row in losses])
+    return {"rival": rival, "margin": iv.mean, "low": iv.low, "high": iv.high,
+            "clients": iv.n, "confident": bool(iv.distinguishable and iv.mean > 0)}

@@ -42,6 +42,10 @@ class FedTinyConfig(MethodConfig):
     # the run starts from the ``init`` mask).
     candidates: int = 0
     spread: float = 2.0  # perturbed candidates scale ERK layer densities within [1/s, s]
+    # When the winner's margin over the runner-up is not established across clients (its
+    # 95% interval over clients contains zero): "pick" it anyway, or fall back to the
+    # ``init`` allocation ("init") when that is among the candidates
+    unsure: str = "pick"
     init: str = "erk"  # the starting mask when candidates = 0
     # Progressive pruning: every delta_r rounds before r_end, K = alpha_t * active moves.
     delta_r: int = 0  # 0 = off
@@ -56,6 +60,7 @@ class FedTinyConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_value("method.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
         check_value("method.spread", self.spread >= 1.0, "must be >= 1", self.spread)
+        check_choice("method.unsure", self.unsure, ("pick", "init"))
         check_init("method.init", self.init)
         check_value("method.delta_r", self.delta_r >= 0, "must be >= 0 (0 = off)", self.delta_r)
         check_value("method.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
@@ -158,7 +163,7 @@ class FedTiny(Method):
         if not self.options.candidates:
             return None
         from ..fedtiny.bn_selection import pack_candidates, with_pooled_bn
-        from ..fedtiny.candidates import build_candidates, select_candidate
+        from ..fedtiny.candidates import build_candidates, select_candidate, selection_margin
         from ..fl.server_core import load_state_
         from ..models import build_model
 
@@ -180,13 +185,26 @@ class FedTiny(Method):
         losses = [r.metrics["losses"] for r in replies]
         counts = [r.examples for r in replies]
         best = select_candidate(losses, counts)
-        core.set_masks(candidates[best][1], pooled[best])
         total = float(sum(counts))
         weighted = [sum(c * row[k] for row, c in zip(losses, counts)) / total
                     for k in range(count)]
-        return {"candidates": [name for name, _ in candidates], "chosen": candidates[best][0],
-                "weighted_losses": weighted, "clients_stats": len(per_candidate[0]),
-                "clients_losses": len(losses)}
+        record = {"candidates": [name for name, _ in candidates],
+                  "weighted_losses": weighted, "clients_stats": len(per_candidate[0]),
+                  "clients_losses": len(losses)}
+        if count > 1:  # the runner-up, by the same weighted loss
+            rival = min((k for k in range(count) if k != best), key=lambda k: weighted[k])
+            record["margin"] = selection_margin(losses, best, rival)
+            if self.options.unsure == "init" and not record["margin"]["confident"]:
+                # a choice the clients cannot tell from the runner-up is noise: keep the
+                # allocation rule the run would start from without selection
+                fallback = [name for name, _ in candidates].index(self.options.init) \
+                    if self.options.init in record["candidates"] else best
+                record["fallback"] = f"unsure: {candidates[best][0]} -> " \
+                                     f"{candidates[fallback][0]}"
+                best = fallback
+        core.set_masks(candidates[best][1], pooled[best])
+        record["chosen"] = candidates[best][0]
+        return record
 
     # ------------------------------------------------------------------ progressive pruning
     def plan(self, server_round):

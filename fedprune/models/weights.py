@@ -23,7 +23,9 @@ def load_weights_file(model: nn.Module, path: str, setting: str = "model.init_fi
         raise ConfigError(f"{setting}={path!r} does not fit model {type(model).__name__}: "
                           f"missing {missing[:5]}, unexpected {extra[:5]}")
     for name, tensor in state.items():
-        if tensor.shape != own[name].shape:
+        if tensor.numel() == own[name].numel() == 1:  # run files store scalars as (1,)
+            state[name] = tensor.reshape(own[name].shape)
+        elif tensor.shape != own[name].shape:
             raise ConfigError(f"{setting}={path!r}: tensor {name} has shape "
                               f"{tuple(tensor.shape)}, the model's is {tuple(own[name].shape)}")
     model.load_state_dict(state)
