@@ -50,7 +50,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     core = method_cls.make_core(cfg)
     method = method_cls(cfg, core)
     strategy = make_strategy(cfg, core, method, [len(p) for p in partition(cfg.data)])
-    first, selection = 1, None
+    first, selection, warm = 1, None, method.warmup_rounds()
     if resume:
         done, state, masks, method_state, extra = load_checkpoint(run_dir)
         method.load_state_dict(method_state)  # first: it may change the model's shapes
@@ -62,9 +62,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
     else:
         recorder = RunRecorder(run_dir, to_yaml(cfg))
         partition_report(cfg.data, recorder.dir)
-        selection = run_queries(grid, method, strategy.base_spec())  # e.g. BN selection
-        if selection is not None:
-            recorder.write_json("selection.json", selection)
+        if not warm:
+            selection = run_queries(grid, method, strategy.base_spec())  # e.g. BN selection
+            if selection is not None:
+                recorder.write_json("selection.json", selection)
     cost = core.cost()
     dense_bytes = record_bytes(to_record(core.state))  # one dense model, serialized
     clock = {"t": time.time()}
@@ -88,10 +89,26 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = 
         print_round(row, cfg.fed.rounds)
         return MetricRecord({"accuracy": metrics["accuracy"], "loss": metrics["loss"]})
 
-    result = strategy.start(
-        grid=grid, initial_arrays=to_record(core.state), num_rounds=cfg.fed.rounds,
-        timeout=cfg.fed.round_timeout, train_config=config_record(cfg),
-        evaluate_config=config_record(cfg), evaluate_fn=evaluate_fn, first_round=first)
+    def train(first_round: int, last_round: int):
+        return strategy.start(
+            grid=grid, initial_arrays=to_record(core.state), num_rounds=last_round,
+            timeout=cfg.fed.round_timeout, train_config=config_record(cfg),
+            evaluate_config=config_record(cfg), evaluate_fn=evaluate_fn,
+            first_round=first_round)
+
+    if warm and selection is None:  # warm-up rounds, then the query rounds on that model
+        if first <= warm:
+            train(first, warm)
+        selection = run_queries(grid, method, strategy.base_spec()) or {}
+        selection["after_round"] = warm
+        recorder.write_json("selection.json", selection)
+        cost.update(core.cost())  # the selected mask
+        recorder.save_model(core.state, core.masks)
+        recorder.save_checkpoint(warm, core.state, core.masks, method.state_dict(),
+                                 {"rng": list(strategy.rng.getstate()),
+                                  "selection": selection})
+        first = max(first, warm + 1)
+    result = train(first, cfg.fed.rounds)
     final = to_numpy(result.arrays) if result.arrays is not None else core.state
     recorder.save_model(final, core.masks)
     recorder.plot_accuracy()

@@ -21,6 +21,9 @@ METHODS = {
     "synflow_vote": ["method.name=synflow", "method.consensus=vote"],
     "prunefl": ["method.name=prunefl", "method.r_end=3"],
     "feddst": ["method.name=feddst", "method.r_end=3", "method.alpha=0.5"],
+    # one dense warm-up round, then adaptive BN selection on that model, then progressive
+    "fedtiny_warmup": ["method.name=fedtiny", "method.candidates=3", "method.warmup_rounds=1",
+                       "method.delta_r=1", "method.r_end=3"],
     "fedtiny_blocks": ["method.name=fedtiny", "method.delta_r=1", "method.r_end=3",
                        "method.granularity=block", "method.order=reverse"],
     # channel granularity: width-4 layers need a looser target to keep a channel each
@@ -92,6 +95,14 @@ def test_method_end_to_end(method, tmp_path, data_root):
         return
     if method == "fixed_random":
         assert all(r["adjusted_layer"] == "" for r in rows)
+        return
+    if method == "fedtiny_warmup":
+        record = json.loads((run / "selection.json").read_text())
+        assert record["after_round"] == 1 and record["clients_losses"] == 3
+        assert record["chosen"] in record["candidates"] and "margin" in record
+        assert rows[1]["density"] == 1.0 and rows[1]["adjusted_layer"] == ""  # dense warm-up
+        assert rows[2]["density"] == pytest.approx(0.1, abs=0.01)  # the selected mask
+        assert rows[2]["adjusted_layer"] and rows[3]["adjusted_layer"] == ""  # r_end = 3
         return
     moved = [r["adjusted_layer"] for r in rows[1:]]
     assert moved[0] and moved[1] and moved[2] == ""  # rounds 1, 2 adjust; 3 = r_end

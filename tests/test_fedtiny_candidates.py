@@ -34,3 +34,17 @@ def test_planted_best_candidate_is_selected():
     assert select_candidate([[0.0, 1.0], [2.0, 1.0]], [9, 1]) == 0
     with pytest.raises(ValueError, match="different numbers"):
         select_candidate([[1.0], [1.0, 2.0]], [1, 1])
+
+
+def test_warmup_settings_are_checked():
+    import pytest
+
+    from fedprune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="method.candidates=0"):
+        load_config("default", ["method.name=fedtiny", "method.warmup_rounds=2"])
+    with pytest.raises(ConfigError, match="leaves no round after the selection"):
+        load_config("default", ["method.name=fedtiny", "method.candidates=3",
+                                "method.warmup_rounds=15", "fed.rounds=15"])
+    with pytest.raises(ConfigError, match="method.warmup_mask"):
+        load_config("default", ["method.name=fedtiny", "method.warmup_mask=sparse"])

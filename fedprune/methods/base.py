@@ -150,9 +150,15 @@ class Method:
 
         return init_masks(model, cfg.mask.density, "dense", exclude=cfg.mask.exclude)
 
+    def warmup_rounds(self) -> int:
+        """Training rounds under ``initial_masks`` before the query rounds (0: the query
+        rounds come first)."""
+        return 0
+
     def queries(self) -> Queries:
-        """Query rounds before training: yield each :class:`Query`, receive its checked
-        replies, return a JSON-able record of what was decided (or None)."""
+        """Query rounds before training (after ``warmup_rounds``): yield each
+        :class:`Query`, receive its checked replies, return a JSON-able record of what was
+        decided (or None)."""
         return None
         yield  # pragma: no cover  (makes this a generator)
 

@@ -41,6 +41,11 @@ class FedTinyConfig(MethodConfig):
     # Adaptive BN selection among this many candidate masks before training (0 = off:
     # the run starts from the ``init`` mask).
     candidates: int = 0
+    # Rounds of federated training before the selection, so that it judges a model that
+    # has learned something: under a dense mask ("dense") or the ``init`` mask ("init").
+    # They count in fed.rounds; progressive pruning starts after them.
+    warmup_rounds: int = 0
+    warmup_mask: str = "dense"
     spread: float = 2.0  # perturbed candidates scale ERK layer densities within [1/s, s]
     # When the winner's margin over the runner-up is not established across clients (its
     # 95% interval over clients contains zero): "pick" it anyway, or fall back to the
@@ -61,6 +66,9 @@ class FedTinyConfig(MethodConfig):
         check_value("method.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
         check_value("method.spread", self.spread >= 1.0, "must be >= 1", self.spread)
         check_choice("method.unsure", self.unsure, ("pick", "init"))
+        check_value("method.warmup_rounds", self.warmup_rounds >= 0, "must be >= 0",
+                    self.warmup_rounds)
+        check_choice("method.warmup_mask", self.warmup_mask, ("dense", "init"))
         check_init("method.init", self.init)
         check_value("method.delta_r", self.delta_r >= 0, "must be >= 0 (0 = off)", self.delta_r)
         check_value("method.r_end", self.r_end >= 0, "must be >= 0", self.r_end)
@@ -72,6 +80,12 @@ class FedTinyConfig(MethodConfig):
     def check(self, cfg) -> None:
         if self.r_end > cfg.fed.rounds:
             raise ConfigError(f"method.r_end={self.r_end} is beyond fed.rounds={cfg.fed.rounds}")
+        if self.warmup_rounds and not self.candidates:
+            raise ConfigError(f"method.warmup_rounds={self.warmup_rounds} warms the model up "
+                              "for adaptive BN selection, which is off (method.candidates=0)")
+        if self.warmup_rounds >= cfg.fed.rounds:
+            raise ConfigError(f"method.warmup_rounds={self.warmup_rounds} leaves no round "
+                              f"after the selection (fed.rounds={cfg.fed.rounds})")
 
 
 # ----------------------------------------------------------------------------- client
@@ -156,7 +170,13 @@ class FedTiny(Method):
 
     @classmethod
     def initial_masks(cls, model, cfg):
-        return start_masks(model, cfg, cfg.method.init)
+        o = cfg.method
+        if o.warmup_rounds and o.warmup_mask == "dense":
+            return super().initial_masks(model, cfg)  # dense: the base method's mask
+        return start_masks(model, cfg, o.init)
+
+    def warmup_rounds(self) -> int:
+        return self.options.warmup_rounds
 
     # ------------------------------------------------------------------ BN selection
     def queries(self):
@@ -169,12 +189,13 @@ class FedTiny(Method):
 
         cfg, core = self.cfg, self.core
         dense = build_model(cfg.model, cfg.data.dataset)
-        load_state_(dense, core.initial_state)
+        # after a warm-up the candidates come from the trained global model
+        load_state_(dense, core.state if self.options.warmup_rounds else core.initial_state)
         candidates = build_candidates(dense, cfg.mask.density, self.options.candidates,
                                       cfg.mask.seed, self.options.spread, cfg.mask.exclude)
         masks = [{n: m.numpy() for n, m in c.items()} for _, c in candidates]
-        states = [{n: (v * m[n] if n in m else v) for n, v in core.initial_state.items()}
-                  for m in masks]
+        source = core.state if self.options.warmup_rounds else core.initial_state
+        states = [{n: (v * m[n] if n in m else v) for n, v in source.items()} for m in masks]
         count = len(candidates)
         replies = yield Query("bn_stats", pack_candidates(states, masks),
                               _bn_spec(_bn_layers(dense, cfg), count))
@@ -208,7 +229,8 @@ class FedTiny(Method):
 
     # ------------------------------------------------------------------ progressive pruning
     def plan(self, server_round):
-        if self.schedule is None or not self.schedule.adjusts(server_round):
+        if self.schedule is None or not self.schedule.adjusts(server_round) or \
+                server_round <= self.options.warmup_rounds:
             return None
         group = self.groups[(server_round // self.schedule.delta_r - 1) % len(self.groups)]
         ks = moves(self.schedule, server_round, {n: self.core.masks[n] for n in group})
