@@ -163,7 +163,13 @@ def shaped(dense, row: dict):
     return model
 
 
-def speed(out: Path, repeats: int) -> None:
+def _shape_key(row: dict) -> str:
+    return json.dumps([row["mode"], row.get("layers"), row.get("removed_blocks"),
+                       row.get("config_attention_bias")])
+
+
+def speed(out: Path, repeats: int, fresh: bool = False) -> None:
+    """Time every distinct shape (``fresh``: again, even those speed.json already has)."""
     from fedprune.lm import load_causal_lm
     from fedprune.prune.structured.speed import measure_speed
 
@@ -171,11 +177,15 @@ def speed(out: Path, repeats: int) -> None:
     dense, _ = load_causal_lm(MODEL)
     dense.eval()
     results, seen = {}, {}
+    old = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() \
+        and not fresh else {}
+    for row in rows:  # shapes timed by an earlier pass are not timed again
+        if row["row"] in old:
+            seen.setdefault(_shape_key(row), old[row["row"]])
     for row in rows:
         if row["row"].endswith("+lora"):
             continue  # same shapes as the row it recovers
-        key = json.dumps([row["mode"], row.get("layers"), row.get("removed_blocks"),
-                          row.get("config_attention_bias")])
+        key = _shape_key(row)
         if key not in seen:
             seen[key] = measure_speed(shaped(dense, row), repeats=repeats)
             print(f"[speed] {row['row']}: {seen[key]}", flush=True)
@@ -219,11 +229,12 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=[], help="only these rows")
     ap.add_argument("--speed", action="store_true", help="measure speed of every row's shape")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--fresh", action="store_true", help="--speed: time every shape again")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     if args.speed:
-        speed(out, args.repeats)
+        speed(out, args.repeats, args.fresh)
     elif args.table:
         table(out)
     else:
