@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -121,17 +120,10 @@ def flops(model) -> float:
     return count_flops(model, (1, 3, 32, 32))["inference_dense"]
 
 
-@torch.inference_mode()
 def images_per_s(model, batch: int, repeats: int = 5) -> float:
-    model.eval()
-    x = torch.randn(batch, 3, 32, 32)
-    model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    from fedprune.prune.structured.speed import images_per_s as timed
+
+    return timed(model.eval(), batch, repeats=repeats)
 
 
 def measure(model, subset: int) -> dict:

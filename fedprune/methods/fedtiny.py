@@ -190,11 +190,11 @@ class FedTiny(Method):
         cfg, core = self.cfg, self.core
         dense = build_model(cfg.model, cfg.data.dataset)
         # after a warm-up the candidates come from the trained global model
-        load_state_(dense, core.state if self.options.warmup_rounds else core.initial_state)
+        source = core.state if self.options.warmup_rounds else core.initial_state
+        load_state_(dense, source)
         candidates = build_candidates(dense, cfg.mask.density, self.options.candidates,
                                       cfg.mask.seed, self.options.spread, cfg.mask.exclude)
         masks = [{n: m.numpy() for n, m in c.items()} for _, c in candidates]
-        source = core.state if self.options.warmup_rounds else core.initial_state
         states = [{n: (v * m[n] if n in m else v) for n, v in source.items()} for m in masks]
         count = len(candidates)
         replies = yield Query("bn_stats", pack_candidates(states, masks),

@@ -24,7 +24,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn: Any, repeats: int, device: torch.device) -> float:
+def median_seconds(fn: Any, repeats: int, device: torch.device) -> float:
     fn()  # warm-up (allocations, kernel selection)
     _sync(device)
     times = []
@@ -43,7 +43,7 @@ def prefill_tokens_per_s(model: nn.Module, length: int = 512, batch: int = 1,
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=gen).to(device)
-    seconds = _median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats, device)
+    seconds = median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats, device)
     return batch * length / seconds
 
 
@@ -61,7 +61,7 @@ def generation_tokens_per_s(model: nn.Module, new_tokens: int = 64, prompt: int 
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    return new_tokens / _median_seconds(run, repeats, device)
+    return new_tokens / median_seconds(run, repeats, device)
 
 
 def measure_speed(model: nn.Module, length: int = 512, new_tokens: int = 64,
@@ -84,6 +84,6 @@ def images_per_s(model: nn.Module, batch: int, shape: tuple[int, int, int] = (3,
     was_training = model.training
     model.eval()
     try:
-        return batch / _median_seconds(lambda: model(images), repeats, device)
+        return batch / median_seconds(lambda: model(images), repeats, device)
     finally:
         model.train(was_training)

@@ -17,8 +17,6 @@ unpruned embedding (cosine) among all of them is their own twin.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -97,16 +95,13 @@ def fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
 @torch.inference_mode()
 def sentences_per_s(model, batches, device="cpu", repeats: int = 3) -> float:
     """Sentences/s encoding every batch (median of ``repeats`` timed passes after one)."""
+    from ..structured.speed import median_seconds
+
     def run() -> None:
         for _, ids in batches:
             model(input_ids=ids.to(device))
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return sum(len(idx) for idx, _ in batches) / statistics.median(times)
+    seconds = median_seconds(run, repeats, torch.device(device))
+    return sum(len(idx) for idx, _ in batches) / seconds
 
 
 def measure_encoder(model, batches, reference: torch.Tensor | None, speed: bool,
