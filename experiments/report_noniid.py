@@ -45,7 +45,8 @@ ROUNDS_FILE = "metrics.csv"  # per-round rows (fedprune/fl/recorder.py)
 # Table order = sweep order (reinit needs fedtiny's mask). A suffix ("fedtiny_vgg11")
 # names a variant of the method before it, compared within its own suffix family.
 METHODS = ("dense", "random", "erk", "snip", "synflow", "prunefl", "feddst", "gates",
-           "fedtiny", "progonly", "reinit")  # progonly: FedTiny without BN selection
+           "fedtiny", "fedtinywarm", "progonly", "reinit")  # progonly: FedTiny without BN
+# selection; fedtinywarm: FedTiny selecting after dense warm-up rounds
 BASELINES = ("random", "erk", "snip", "synflow", "prunefl", "feddst", "gates")
 REF_CELL = ("0.5", 0.05)  # acc_vs_round.png: alpha 0.5, density 0.05
 CSV_COLUMNS = ["method", "alpha", "density", "seed", "final_accuracy", "best_accuracy",

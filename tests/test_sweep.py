@@ -64,6 +64,9 @@ def test_config_loads_and_defines_its_method(path):
     elif row == "fedtiny":
         assert (m.name, m.candidates) == ("fedtiny", 5)
         assert m.delta_r == (1 if cfg.fed.rounds == 12 else 5)
+    elif row == "fedtinywarm":  # issue 14: selection after dense warm-up, many candidates
+        assert (m.name, m.candidates, m.warmup_rounds, m.warmup_mask) == (
+            "fedtiny", 16, 3, "dense")
     elif row == "progonly":  # ablation: progressive pruning from ERK, no BN selection
         assert (m.name, m.candidates, m.delta_r, m.init) == ("fedtiny", 0, 1, "erk")
     elif row == "reinit":

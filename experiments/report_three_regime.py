@@ -1,0 +1,138 @@
+"""Table and phase diagram of a three_regime.py sweep (``<out>/rows.jsonl``).
+
+    .venv/bin/python experiments/report_three_regime.py experiments/results/three_regime
+
+Writes ``<out>/results.md`` and ``<out>/phase.png``. Rows of the diagram are the
+temperature axis, hottest at the top (central: fewest dense epochs first; federated: the
+knob's values as given, in the order the sweep ran them), columns the load (density).
+Regimes (the reference draws its boundaries by hand; these rules are ours and printed with
+the table): I where the training-error barrier of the linear path between retrained
+solutions, ``-mc``, exceeds ``BARRIER_TOL``; among the rest, II-B where the softmax CKA is at
+least the median CKA of the well-connected cells, II-A below it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+BARRIER_TOL = 0.05  # training error (fraction): 5 points above the ends' mean
+
+
+def load(out: Path) -> list[dict]:
+    path = out / "rows.jsonl"
+    if not path.exists():
+        raise SystemExit(f"report: no {path}; run experiments/three_regime.py first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def axes(rows: list[dict]) -> tuple[str, list[str], list[float]]:
+    """The temperature axis name, its values hottest first, and the densities."""
+    axis = rows[0]["axis"]
+    values = list(dict.fromkeys(r["value"] for r in rows))
+    if axis == "epochs":
+        values.sort(key=int)  # fewer epochs = hotter
+    return axis, values, sorted({r["density"] for r in rows})
+
+
+def regimes(rows: list[dict], barrier_tol: float = BARRIER_TOL) -> dict[str, str]:
+    """cell -> I / II-A / II-B (see the module docstring)."""
+    from fedprune.study.landscape import regime
+
+    connected = [r["cka"] for r in rows if -r["mc_error"] <= barrier_tol]
+    split = float(np.median(connected)) if connected else 1.0
+    return {r["cell"]: regime(-r["mc_error"], r["cka"], barrier_tol, split) for r in rows}
+
+
+def table(rows: list[dict]) -> list[str]:
+    axis, values, densities = axes(rows)
+    by = {(r["value"], r["density"]): r for r in rows}
+    names = regimes(rows)
+    lines = [f"| {axis} \\ density | " + " | ".join(f"{d:g}" for d in densities) + " |",
+             "|---" * (len(densities) + 1) + "|"]
+    for v in values:
+        cells = []
+        for d in densities:
+            r = by.get((v, d))
+            cells.append("—" if r is None else
+                         f"{100 * np.mean(r['test_accuracy']):.2f} / {r['mc_error']:+.3f} / "
+                         f"{r['cka']:.3f} / {names[r['cell']]}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def transitions(rows: list[dict]) -> list[str]:
+    """Per density: the temperature with the best mean test accuracy."""
+    axis, values, densities = axes(rows)
+    by = {(r["value"], r["density"]): float(np.mean(r["test_accuracy"])) for r in rows}
+    out = []
+    for d in densities:
+        accs = {v: by[(v, d)] for v in values if (v, d) in by}
+        if len(accs) > 1:
+            best = max(accs, key=accs.get)
+            spread = 100 * (max(accs.values()) - min(accs.values()))
+            out.append(f"- density {d:g}: best {axis}={best} "
+                       f"({100 * accs[best]:.2f}%; spread over {axis} {spread:.2f} points)")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axis, values, densities = axes(rows)
+    by = {(r["value"], r["density"]): r for r in rows}
+    names = regimes(rows)
+
+    def grid(fn):
+        return np.array([[fn(by[(v, d)]) if (v, d) in by else np.nan for d in densities]
+                         for v in values])
+    acc = grid(lambda r: 100 * float(np.mean(r["test_accuracy"])))
+    panels = [("test error - column best (points)", np.nanmax(acc, 0) - acc),
+              ("mc on training error", grid(lambda r: r["mc_error"])),
+              ("CKA (softmax)", grid(lambda r: r["cka"]))]
+    fig, axs = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, data) in zip(axs, panels):
+        im = ax.imshow(data, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(densities)), [f"{d:g}" for d in densities])
+        ax.set_yticks(range(len(values)), values)
+        ax.set_xlabel("load: density")
+        ax.set_ylabel(f"temperature: {axis} (hottest on top)")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    for i, v in enumerate(values):
+        for j, d in enumerate(densities):
+            if (v, d) in by:
+                axs[0].text(j, i, names[by[(v, d)]["cell"]], ha="center", va="center",
+                            color="white", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path) -> Path:
+    rows = load(out)
+    setup = out / "setup.json"
+    info = json.loads(setup.read_text()) if setup.exists() else {}
+    lines = ["# Three-regime study: test accuracy (%) / mc / CKA / regime", ""]
+    lines += [f"Command: `{i['command']}`" for i in info.get("invocations", [])]
+    lines += ["", f"Settings: {json.dumps(info.get('settings', {}))}",
+              f"Machine: {info.get('machine', '?')}", "",
+              f"Regimes: I where -mc > {BARRIER_TOL} (training error); otherwise II-B where "
+              "CKA >= the median CKA of the well-connected cells, else II-A.", ""]
+    lines += table(rows) + ["", "Best temperature per density:"] + transitions(rows)
+    plot(rows, out / "phase.png")
+    lines += ["", "![phase diagram](phase.png)", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1] if len(sys.argv) > 1 else
+                            "experiments/results/three_regime")))

@@ -1,0 +1,332 @@
+"""Three-regime model of pruning (Zhou et al., ICML 2023) on this CPU: the transition
+centrally, then with a federated knob on the temperature axis.
+
+    # central: one dense run checkpointed at several epochs (fewer epochs = hotter),
+    # each checkpoint pruned to each density and retrained with two seeds
+    FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
+        --out experiments/results/three_regime
+    # federated: temperature axis = a federated knob (Dirichlet alpha here; or
+    # train.local_epochs / data.num_clients), dense FedAvg then federated retraining
+    FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
+        --federated data.alpha --values 0.1 0.5 1.0 100 --out experiments/results/three_regime_fed
+    .venv/bin/python experiments/three_regime.py --out ... --table   # table + phase diagram
+
+Protocol, scaled down from the reference code (github.com/YefanZhou/ThreeRegimePruning:
+PreResNet-20, 160 + 160 epochs): ResNet-8 (width 16) on ``--train-subset`` CIFAR-10
+training images. Dense: SGD (momentum 0.9, weight decay 1e-4, batch 64, lr ``--lr``, x0.1 at
+50% and 75% of ``--dense-epochs``), checkpoints at ``--temps`` epochs; as in the reference
+the temperatures are checkpoints of one run, so those before the first decay share its
+learning rate. Pruning: one-shot, the same density in every conv layer by |w| (the
+reference's ``unif`` L1 pruning; the classifier is not pruned). Retraining: the same
+schedule restarted for ``--retrain-epochs`` with the mask fixed, once per ``--seeds``
+(data order only: same checkpoint, same mask). Probes on the first ``--probe-images``
+training images (no augmentation): the linear path between each pair of retrained models
+(11 points, BN statistics recomputed on the probe images at every point), its training
+error and loss; the reference's connectivity ``mc = (E0 + E1)/2 - E(t*)`` with t* the point
+farthest from the ends' mean (negative = a barrier), and the loss barrier of
+``fedprune.study.landscape``; linear CKA of the softmax outputs (the reference's choice).
+Test accuracy on the CIFAR-10 test split (``--test-subset`` images; mean over the
+retrained models).
+
+Federated cells run ``fedprune run`` (the ``dense`` row config of the non-IID study, 10
+clients, 12 rounds of 1 local epoch unless ``--set`` says otherwise): dense FedAvg at each
+knob value, then retraining from its final weights under ``method.init=uniform`` with the
+classifier excluded, one run per seed (``run.seed``: client data order; same partition). The
+probes read the pooled training images: a study-only view that no deployed server has.
+
+Rows go to ``rows.jsonl`` as cells finish; a rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+EXCLUDE = ["fc.weight"]  # the reference prunes every conv, not the classifier
+FED_CONFIG = REPO / "experiments" / "configs" / "noniid" / "dense.yaml"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fit(model, split, epochs: int, lr: float, seed: int, masks=None, on_epoch=None) -> None:
+    """SGD with the reference's step schedule (x0.1 at 50% and 75% of ``epochs``); masked
+    weights stay zero; ``on_epoch(epoch)`` after every epoch (1-based)."""
+    from fedprune.data import make_loader
+    from fedprune.masks import apply_masks_
+
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2, (3 * epochs) // 4], 0.1)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for x, y in make_loader(split, "cifar10", 64, shuffle=True, augment=True,
+                                seed=seed * 1000 + epoch):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if masks:
+                apply_masks_(model, masks)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+
+def new_model():
+    from fedprune.config import ModelConfig
+    from fedprune.models import build_model
+
+    return build_model(ModelConfig(name="resnet8", width=16), "cifar10")
+
+
+def load_model(path: Path):
+    from safetensors.torch import load_file
+
+    model = new_model()
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+def save_model(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def prune(model, density: float):
+    from fedprune.masks import apply_masks_, init_masks
+
+    masks = init_masks(model, density, "uniform", exclude=EXCLUDE)
+    apply_masks_(model, masks)
+    return masks
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def splits(args):
+    """The training subset and its first ``--probe-images`` (the probes' images)."""
+    from fedprune.data import ArraySplit, load_split
+
+    train = load_split("cifar10", "train")
+    n = args.train_subset
+    train = ArraySplit(np.asarray(train.images[:n]), np.asarray(train.labels[:n]))
+    probe = ArraySplit(np.asarray(train.images[:args.probe_images]),
+                       np.asarray(train.labels[:args.probe_images]))
+    return train, probe
+
+
+def mc_error(rows: list[dict]) -> float:
+    """The reference's connectivity on training error: (E0 + E1)/2 - E(t*), t* the point
+    farthest from the ends' mean (negative: the path rises above its ends)."""
+    ends = (rows[0]["error"] + rows[-1]["error"]) / 2
+    far = max(rows, key=lambda r: abs(ends - r["error"]))
+    return ends - far["error"]
+
+
+def probe_pair(a, b, probe, points: int) -> dict:
+    from fedprune.data import make_loader
+    from fedprune.study.landscape import barrier, linear_cka, outputs, path_losses
+    from fedprune.train import evaluate
+
+    def batches():
+        return make_loader(probe, "cifar10", 256, shuffle=False)
+
+    def train_metrics(model) -> dict:
+        got = evaluate(model, batches())
+        return {"loss": got["loss"], "error": 1 - got["accuracy"]}
+
+    rows = path_losses(a, b, train_metrics, points=points, bn_batches=batches)
+    pa, pb = (F.softmax(outputs(m, batches()), 1) for m in (a, b))
+    return {"mc_error": mc_error(rows), "loss_barrier": barrier(rows),
+            "error_barrier": barrier(rows, "error"), "cka": linear_cka(pa, pb),
+            "path_error": [r["error"] for r in rows]}
+
+
+def analyze(models: list, probe, points: int, test_subset: int = 0) -> dict:
+    """Test accuracy of each model, and the probes averaged over every pair."""
+    from fedprune.prune.cnn import accuracy_on_test
+
+    pairs = [probe_pair(a, b, probe, points) for a, b in itertools.combinations(models, 2)]
+    out = {"test_accuracy": [accuracy_on_test(m, "cifar10", subset=test_subset)
+                             for m in models]}
+    for key in ("mc_error", "loss_barrier", "error_barrier", "cka"):
+        out[key] = float(np.mean([p[key] for p in pairs]))
+    out["path_error"] = np.mean([p["path_error"] for p in pairs], axis=0).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def central_dense(args, out: Path, train) -> dict[int, Path]:
+    """Checkpoints of the one dense run at each ``--temps`` epoch (cached)."""
+    paths = {e: out / "dense" / f"epoch-{e}.safetensors" for e in args.temps}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    model = new_model()
+
+    def keep(epoch: int) -> None:
+        if epoch in paths:
+            save_model(model, paths[epoch])
+            print(f"[three-regime] dense epoch {epoch} saved", flush=True)
+    fit(model, train, args.dense_epochs, args.lr, seed=0, on_epoch=keep)
+    return paths
+
+
+def central_cell(args, checkpoint: Path, density: float, train) -> list:
+    models = []
+    for seed in args.seeds:
+        model = load_model(checkpoint)
+        masks = prune(model, density)
+        fit(model, train, args.retrain_epochs, args.lr, seed=seed, masks=masks)
+        models.append(model.eval())
+    return models
+
+
+def fed_run(args, out: Path, name: str, overrides: list[str]) -> Path:
+    """One ``fedprune run`` (skipped when its summary exists); its final weights."""
+    run = out / "runs" / name
+    if not (run / "summary.json").exists():
+        cmd = [sys.executable, "-m", "fedprune.cli", "run", str(FED_CONFIG), *overrides,
+               *args.set, f"run.out_dir={out / 'runs'}", f"run.name={name}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"[three-regime] {name} failed ({done.returncode}):\n"
+                             f"{done.stderr[-3000:]}")
+    return run / "model.safetensors"
+
+
+def knob_overrides(knob: str, value: str) -> list[str]:
+    if knob == "data.alpha" and value == "iid":
+        return ["data.partitioner=iid"]
+    return [f"{knob}={value}"]
+
+
+def fed_cell(args, out: Path, value: str, density: float) -> list:
+    knob = knob_overrides(args.federated, value)
+    tag = f"{args.federated.split('.')[-1]}{value}"
+    dense = fed_run(args, out, f"dense-{tag}", [*knob, "method.init=dense"])
+    models = []
+    for seed in args.seeds:
+        final = fed_run(args, out, f"retrain-{tag}-d{density:g}-s{seed}",
+                        [*knob, "method.init=uniform", f"mask.density={density}",
+                         f"mask.exclude=[{','.join(EXCLUDE)}]", f"model.init_file={dense}",
+                         f"run.seed={seed}"])
+        models.append(load_model(final).eval())
+    return models
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def cell_key(axis: str, value, density: float) -> str:
+    return f"{axis}={value}/d={density:g}"
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {r["cell"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def run_cells(args, out: Path) -> None:
+    train, probe = splits(args)
+    rows_path = out / "rows.jsonl"
+    done = read_rows(rows_path)
+    axis = args.federated or "epochs"
+    values = args.values if args.federated else args.temps
+    dense = None if args.federated else central_dense(args, out, train)
+    for value, density in itertools.product(values, args.densities):
+        key = cell_key(axis, value, density)
+        if key in done:
+            continue
+        t0 = time.perf_counter()
+        models = (fed_cell(args, out, str(value), density) if args.federated
+                  else central_cell(args, dense[value], density, train))
+        row = {"cell": key, "axis": axis, "value": str(value), "density": density,
+               "seeds": args.seeds, **analyze(models, probe, args.points, args.test_subset),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[three-regime] {key}: test {100 * np.mean(row['test_accuracy']):.2f}% "
+              f"mc {row['mc_error']:+.3f} cka {row['cka']:.3f} in {row['seconds']} s",
+              flush=True)
+
+
+def record(args, out: Path, argv: list[str]) -> None:
+    path = out / "setup.json"
+    info = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    info["invocations"].append({"command": "experiments/three_regime.py " + " ".join(argv),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    info["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
+    info["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    path.write_text(json.dumps(info, indent=1))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="experiments/results/three_regime")
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--probe-images", type=int, default=5000)
+    p.add_argument("--test-subset", type=int, default=0, help="test images (0: all 10,000)")
+    p.add_argument("--dense-epochs", type=int, default=16)
+    p.add_argument("--temps", type=int, nargs="+", default=[2, 4, 8, 12, 16],
+                   help="dense checkpoints (epochs) to prune: fewer epochs = hotter")
+    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4, 0.8])
+    p.add_argument("--retrain-epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--points", type=int, default=11, help="points on each linear path")
+    p.add_argument("--federated", default="",
+                   help="config key of the federated knob (e.g. data.alpha, "
+                        "train.local_epochs, data.num_clients); empty: central")
+    p.add_argument("--values", nargs="+", default=[], help="the knob's values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override of every federated run (repeatable)")
+    p.add_argument("--table", action="store_true", help="write the table and diagram only")
+    args = p.parse_args(argv)
+    if len(args.seeds) < 2:
+        p.error("--seeds: the probes compare retrained models, so give at least two")
+    if args.federated and not args.values:
+        p.error("--federated needs --values")
+    if not args.federated and (max(args.temps) > args.dense_epochs or min(args.temps) < 1):
+        p.error(f"--temps {args.temps}: each must be in 1..--dense-epochs={args.dense_epochs}")
+    if any(not 0 < d <= 1 for d in args.densities):
+        p.error(f"--densities {args.densities}: each must be in (0, 1]")
+    if args.probe_images > args.train_subset:
+        p.error("--probe-images must not exceed --train-subset")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from report_three_regime import write_report
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        record(args, out, argv)
+        run_cells(args, out)
+    print(f"[three-regime] table: {write_report(out)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The three-regime study scripts: the reference's connectivity, regime rules, the table,
+and a tiny central sweep end to end (real CIFAR-10 images)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import report_three_regime
+        import three_regime
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    return three_regime, report_three_regime
+
+
+def _path(errors):
+    return [{"t": i / (len(errors) - 1), "error": e} for i, e in enumerate(errors)]
+
+
+def test_mc_error_follows_the_reference_sign(scripts):
+    tr, _ = scripts
+    # ends' mean 0.15; the farthest point 0.5 rises 0.35 above it: a barrier, negative
+    assert tr.mc_error(_path([0.1, 0.5, 0.2])) == pytest.approx(-0.35)
+    # a path that dips below its ends is "better than connected": positive
+    assert tr.mc_error(_path([0.3, 0.1, 0.3])) == pytest.approx(0.2)
+    assert tr.mc_error(_path([0.2, 0.2])) == 0.0
+
+
+def _row(value, density, acc, mc, cka):
+    return {"cell": f"epochs={value}/d={density:g}", "axis": "epochs", "value": str(value),
+            "density": density, "test_accuracy": [acc, acc], "mc_error": mc, "cka": cka}
+
+
+ROWS = [_row(16, 0.05, 0.40, -0.20, 0.80), _row(2, 0.05, 0.50, -0.01, 0.90),
+        _row(16, 0.4, 0.70, -0.02, 0.97), _row(2, 0.4, 0.60, 0.00, 0.95)]
+
+
+def test_regimes_by_barrier_then_relative_similarity(scripts):
+    _, rep = scripts
+    names = rep.regimes(ROWS)
+    # connected CKAs 0.90, 0.97, 0.95: median 0.95
+    assert names == {"epochs=16/d=0.05": "I", "epochs=2/d=0.05": "II-A",
+                     "epochs=16/d=0.4": "II-B", "epochs=2/d=0.4": "II-B"}
+
+
+def test_table_orders_hottest_first_and_names_the_best_temperature(scripts, tmp_path):
+    _, rep = scripts
+    assert rep.axes(ROWS) == ("epochs", ["2", "16"], [0.05, 0.4])
+    lines = rep.transitions(ROWS)
+    assert lines == ["- density 0.05: best epochs=2 (50.00%; spread over epochs 10.00 points)",
+                     "- density 0.4: best epochs=16 (70.00%; spread over epochs 10.00 points)"]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    text = rep.write_report(tmp_path).read_text()
+    assert "| 2 | 50.00 / -0.010 / 0.900 / II-A | 60.00 / +0.000 / 0.950 / II-B |" in text
+    assert (tmp_path / "phase.png").stat().st_size > 1000
+
+
+def test_bad_arguments_are_named(scripts):
+    tr, _ = scripts
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--seeds", "1"])
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--temps", "20"])
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--federated", "data.alpha"])
+    assert tr.knob_overrides("data.alpha", "iid") == ["data.partitioner=iid"]
+    assert tr.knob_overrides("train.local_epochs", "3") == ["train.local_epochs=3"]
+
+
+@pytest.mark.slow
+def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypatch):
+    tr, rep = scripts
+    args = ["--out", str(tmp_path), "--train-subset", "256", "--probe-images", "128",
+            "--dense-epochs", "2", "--temps", "1", "2", "--densities", "0.3",
+            "--retrain-epochs", "1", "--points", "3", "--test-subset", "200"]
+    parsed = tr.parse_args(args)
+    train, _ = tr.splits(parsed)
+    dense = tr.central_dense(parsed, tmp_path, train)
+    models = tr.central_cell(parsed, dense[2], 0.3, train)
+    for model in models:  # retraining kept the one-shot mask: 30% of every conv's weights
+        for name, w in model.named_parameters():
+            if name.endswith("weight") and w.dim() == 4:
+                assert float((w != 0).float().mean()) == pytest.approx(0.3, abs=0.01), name
+    assert not torch.equal(models[0].fc.weight, models[1].fc.weight)  # different seeds
+    assert tr.main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["cell"] for r in rows] == ["epochs=1/d=0.3", "epochs=2/d=0.3"]
+    for r in rows:
+        assert 0 <= r["cka"] <= 1 + 1e-9 and len(r["path_error"]) == 3
+        assert r["mc_error"] <= 0.5 and len(r["test_accuracy"]) == 2
+    tr.main(args)  # a rerun skips finished cells
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+    assert "epochs \\ density" in (tmp_path / "results.md").read_text()
