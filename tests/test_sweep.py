@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import experiment_scripts
 
 from fedprune.config import load_config, to_flat_dict
 
@@ -26,13 +27,7 @@ ALL_CONFIGS = sorted(p for d in CONFIG_DIRS for p in d.glob("*.yaml"))
 @pytest.fixture(scope="module")
 def tools():
     """The two experiment scripts, imported as the sweep imports them (script folder)."""
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import report_noniid
-        import sweep_noniid
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
-    return report_noniid, sweep_noniid
+    return experiment_scripts("report_noniid", "sweep_noniid")
 
 
 # ----------------------------------------------------------------------------- configs

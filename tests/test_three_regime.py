@@ -4,24 +4,15 @@ and a tiny central sweep end to end (real CIFAR-10 images)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
+from script_helpers import experiment_scripts
 
 
 @pytest.fixture(scope="module")
 def scripts():
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import report_three_regime
-        import three_regime
-    finally:
-        sys.path.remove(str(REPO / "experiments"))
-    return three_regime, report_three_regime
+    return experiment_scripts("three_regime", "report_three_regime")
 
 
 def _path(errors):
