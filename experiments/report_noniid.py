@@ -129,7 +129,7 @@ def _row(run: str, cell: tuple[str, str, float, int], summary: dict) -> dict[str
             "bytes_vs_dense": summary.get("bytes_vs_dense"),
             "wall_seconds": summary.get("wall_seconds"),
             "rounds": summary.get("rounds"), "run": run,
-            "config": summary.get("config", {})}
+            "config": summary.get("config", {}), "selection": summary.get("selection")}
 
 
 def _unfinished_line(run: Path) -> str:
@@ -517,6 +517,31 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per run that ran adaptive BN selection: the winner, the spread of the
+    candidates' pooled losses, and the winner's margin over the runner-up with its 95%
+    interval over clients (``fedprune.fedtiny.candidates.selection_margin``)."""
+    out = []
+    for r in sorted((r for r in rows if (r.get("selection") or {}).get("candidates")),
+                    key=lambda r: (r["method"], _alpha_key(r["alpha"]), r["density"],
+                                   r.get("seed", 0))):
+        sel = r["selection"]
+        losses = sel.get("weighted_losses") or []
+        names = sel.get("candidates") or []
+        text = (f"- {r['run']}: chose {sel.get('chosen', '?')} of {len(names)}"
+                + (f" after round {sel['after_round']}" if sel.get("after_round") else ""))
+        if losses:
+            text += f"; pooled losses span {max(losses) - min(losses):.4f} nats"
+        margin = sel.get("margin")
+        if margin and margin.get("rival") is not None and names:
+            verdict = "confident" if margin.get("confident") else "not confident"
+            text += (f"; margin over {names[margin['rival']]} {margin['margin']:+.4f} "
+                     f"[{margin['low']:+.4f}, {margin['high']:+.4f}] over "
+                     f"{margin['clients']} clients ({verdict})")
+        out.append(text)
+    return out
+
+
 def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, Any]],
              sweep: dict[str, Any], runs_dir: Path, notes: list[str]) -> str:
     lines = ["# Non-IID study: final test accuracy (%) by label skew and density", "",
@@ -537,6 +562,10 @@ def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, 
         lines += [f"## Cost at {alpha_title(ref_alpha)}: achieved density / inference FLOPs "
                   "(% of dense) / bytes sent (% of dense FedAvg)", ""]
         lines += cost_table(grid, ref_alpha) + [""]
+    chosen = selection_lines(rows)
+    if chosen:
+        lines += ["## Adaptive BN selection: what each run chose, and how sure", ""] + chosen + [
+            ""]
     lines += ["## Plots and notes", ""] + [f"- {n}" for n in notes]
     if unfinished:
         lines += ["", "## Runs without a summary", ""] + [f"- {u['status']}" for u in unfinished]

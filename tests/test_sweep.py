@@ -296,6 +296,22 @@ def test_report_pairs_methods_over_seeds(tools, tmp_path):
     assert "- snip: 0.05: -0.33 pp" in md and "(n=3, not distinguishable) vs erk" in md
 
 
+def test_report_lists_each_bn_selection_with_its_margin(tools):
+    report, _ = tools
+    sel = {"candidates": ["uniform", "erk", "global_magnitude"],
+           "weighted_losses": [2.30, 2.25, 2.31], "chosen": "erk", "after_round": 3,
+           "margin": {"rival": 0, "margin": 0.05, "low": -0.01, "high": 0.11, "clients": 10,
+                      "confident": False}}
+    rows = [{"method": "fedtinywarm", "alpha": "0.5", "density": 0.01, "seed": 1,
+             "run": "fedtinywarm-a0.5-d0.01-s1", "selection": sel},
+            {"method": "snip", "alpha": "0.5", "density": 0.01, "seed": 0, "run": "snip-x",
+             "selection": {"method": "snip", "clients": 10}}]  # not a BN selection
+    assert report.selection_lines(rows) == [
+        "- fedtinywarm-a0.5-d0.01-s1: chose erk of 3 after round 3; pooled losses span "
+        "0.0600 nats; margin over uniform +0.0500 [-0.0100, +0.1100] over 10 clients "
+        "(not confident)"]
+
+
 def test_report_uses_sweep_record_for_command_machine_and_grid(tools, tmp_path):
     report, _ = tools
     runs, out = tmp_path / "runs", tmp_path / "out"
