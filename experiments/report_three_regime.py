@@ -47,10 +47,9 @@ def regimes(rows: list[dict], barrier_tol: float = BARRIER_TOL) -> dict[str, str
     return {r["cell"]: regime(-r["mc_error"], r["cka"], barrier_tol, split) for r in rows}
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], names: dict[str, str]) -> list[str]:
     axis, values, densities = axes(rows)
     by = {(r["value"], r["density"]): r for r in rows}
-    names = regimes(rows)
     lines = [f"| {axis} \\ density | " + " | ".join(f"{d:g}" for d in densities) + " |",
              "|---" * (len(densities) + 1) + "|"]
     for v in values:
@@ -79,7 +78,7 @@ def transitions(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], names: dict[str, str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +86,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
     axis, values, densities = axes(rows)
     by = {(r["value"], r["density"]): r for r in rows}
-    names = regimes(rows)
 
     def grid(fn):
         return np.array([[fn(by[(v, d)]) if (v, d) in by else np.nan for d in densities]
@@ -125,8 +123,9 @@ def write_report(out: Path) -> Path:
               f"Machine: {info.get('machine', '?')}", "",
               f"Regimes: I where -mc > {BARRIER_TOL} (training error); otherwise II-B where "
               "CKA >= the median CKA of the well-connected cells, else II-A.", ""]
-    lines += table(rows) + ["", "Best temperature per density:"] + transitions(rows)
-    plot(rows, out / "phase.png")
+    names = regimes(rows)
+    lines += table(rows, names) + ["", "Best temperature per density:"] + transitions(rows)
+    plot(rows, names, out / "phase.png")
     lines += ["", "![phase diagram](phase.png)", ""]
     path = out / "results.md"
     path.write_text("\n".join(lines))

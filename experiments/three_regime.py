@@ -91,20 +91,21 @@ def new_model():
 
 
 def load_model(path: Path):
-    from safetensors.torch import load_file
+    """A ResNet-8 holding the weights of ``path`` (a run's ``model.safetensors`` too)."""
+    from fedprune.models.weights import load_weights_file
 
     model = new_model()
-    model.load_state_dict(load_file(str(path)))
+    load_weights_file(model, str(path), setting=str(path))
     return model
 
 
 def save_model(model, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    from fedprune.data.cache import atomic_write
+
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def prune(model, density: float):
