@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from fedprune.study import mean_interval, paired_difference, t_critical
+from fedprune.fedtiny.candidates import select_candidate, selection_margin
+from fedprune.study import (mean_interval, paired_difference, t_critical,
+                            weighted_mean_interval)
 
 
 def test_t_quantiles_from_the_table_and_the_expansion():
@@ -43,3 +45,30 @@ def test_pairing_removes_the_shared_seed_spread():
     assert paired_difference({0: 1.0, 5: 9.0}, {0: 0.5, 1: 0.0}).n == 1
     with pytest.raises(ValueError, match="share no seed"):
         paired_difference({0: 1.0}, {1: 1.0})
+
+
+def test_weighted_mean_interval_by_hand():
+    # values 1, -1 with weights 3, 1: mean 0.5; var = 2/1 * ((3*0.5)^2 + (1*1.5)^2) / 4^2
+    # = 9/16, so the half-width is t_{0.975,1} * 0.75
+    got = weighted_mean_interval([1.0, -1.0], [3, 1])
+    assert got.mean == 0.5 and got.half_width == pytest.approx(12.706 * 0.75)
+    # equal weights: exactly the unweighted interval
+    same = weighted_mean_interval([1.0, 2.0, 3.0], [5, 5, 5])
+    assert same.mean == 2.0 and same.half_width == pytest.approx(4.303 / math.sqrt(3))
+    with pytest.raises(ValueError, match="3 values for 2 weights"):
+        weighted_mean_interval([1.0, 2.0, 3.0], [1, 1])
+    with pytest.raises(ValueError, match="positive sum"):
+        weighted_mean_interval([1.0], [0])
+
+
+def test_selection_margin_has_the_sign_of_the_weighted_choice():
+    # two small clients prefer candidate 0, one large client prefers candidate 1: the
+    # example-weighted choice is 1, though the unweighted mean difference favours 0
+    losses = [[1.0, 1.2], [1.0, 1.2], [1.0, 0.9]]
+    counts = [1, 1, 10]
+    best = select_candidate(losses, counts)
+    assert best == 1
+    margin = selection_margin(losses, best, 0, counts)
+    # weighted losses: candidate 0 1.0, candidate 1 (1.2 + 1.2 + 10 * 0.9) / 12 = 0.95
+    assert margin["margin"] == pytest.approx(0.05)
+    assert selection_margin(losses, best, 0)["margin"] == pytest.approx(-0.1)  # unweighted

@@ -124,8 +124,11 @@ def test_bn_selection_margin_over_clients_and_the_unsure_fallback(data_root, pla
     assert margin["confident"] is confident and margin["clients"] == 4
     if confident:  # rival - best = 0.1 on every client: zero spread
         assert margin["margin"] == pytest.approx(0.1) and margin["low"] == pytest.approx(0.1)
-    else:  # erk - uniform per client: 0.2, -0.1, 0.2, -0.1 -> mean 0.05, contains zero
-        assert margin["rival"] == 1 and margin["margin"] == pytest.approx(0.05)
-        assert margin["low"] < 0 < margin["high"]
+    else:  # erk - uniform per client: 0.2, -0.1, 0.2, -0.1, weighted by the clients'
+        # examples: exactly the difference of the weighted losses, and contains zero
+        weighted = record["weighted_losses"]
+        assert margin["rival"] == 1
+        assert margin["margin"] == pytest.approx(weighted[1] - weighted[0])
+        assert 0 < margin["margin"] < 0.2 and margin["low"] < 0 < margin["high"]
     assert record["chosen"] == chosen
     assert ("fallback" in record) == (unsure == "init" and not confident)

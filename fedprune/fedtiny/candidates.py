@@ -64,13 +64,17 @@ def select_candidate(losses: list[list[float]], counts: list[int]) -> int:
     return min(range(len(weighted)), key=lambda k: (weighted[k], k))
 
 
-def selection_margin(losses: list[list[float]], best: int, rival: int) -> dict[str, float]:
+def selection_margin(losses: list[list[float]], best: int, rival: int,
+                     counts: Sequence[int] | None = None) -> dict[str, float]:
     """How sure the choice of ``best`` over ``rival`` is: the clients' per-client loss
-    differences (rival - best), their mean and 95% t interval over clients (a paired
-    comparison: a client's data difficulty cancels). ``confident`` when the interval
-    excludes zero. With one client there is no interval (not confident)."""
-    from ..study import mean_interval
+    differences (rival - best), their mean weighted by ``counts`` (the clients' examples,
+    as in ``select_candidate``, so the margin is exactly the difference of the weighted
+    losses the choice was made on; equal weights when None) and its 95% t interval over
+    clients (a paired comparison: a client's data difficulty cancels). ``confident`` when
+    the interval excludes zero. With one client there is no interval (not confident)."""
+    from ..study import weighted_mean_interval
 
-    iv = mean_interval([row[rival] - row[best] for row in losses])
+    diffs = [row[rival] - row[best] for row in losses]
+    iv = weighted_mean_interval(diffs, list(counts) if counts is not None else [1] * len(diffs))
     return {"rival": rival, "margin": iv.mean, "low": iv.low, "high": iv.high,
             "clients": iv.n, "confident": bool(iv.distinguishable and iv.mean > 0)}

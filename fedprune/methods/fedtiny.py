@@ -211,10 +211,13 @@ class FedTiny(Method):
                     for k in range(count)]
         record = {"candidates": [name for name, _ in candidates],
                   "weighted_losses": weighted, "clients_stats": len(per_candidate[0]),
-                  "clients_losses": len(losses)}
+                  "clients_losses": len(losses),
+                  # kept so a study can re-judge the choice later (e.g. another margin)
+                  "client_losses": [list(map(float, row)) for row in losses],
+                  "client_examples": [int(c) for c in counts]}
         if count > 1:  # the runner-up, by the same weighted loss
             rival = min((k for k in range(count) if k != best), key=lambda k: weighted[k])
-            record["margin"] = selection_margin(losses, best, rival)
+            record["margin"] = selection_margin(losses, best, rival, counts)
             if self.options.unsure == "init" and not record["margin"]["confident"]:
                 # a choice the clients cannot tell from the runner-up is noise: keep the
                 # allocation rule the run would start from without selection

@@ -63,6 +63,26 @@ def mean_interval(values: list[float]) -> Interval:
     return Interval(mean, t_critical(n - 1) * math.sqrt(var / n), n)
 
 
+def weighted_mean_interval(values: list[float], weights: list[float]) -> Interval:
+    """Weighted mean and its 95% t interval, treating each value as one unit (e.g. a
+    client) of weight ``weights[i]`` (e.g. its examples). The variance is the ratio
+    estimator's, n/(n-1) * sum w^2 (v - m)^2 / (sum w)^2, with n - 1 degrees of freedom;
+    with equal weights it is exactly ``mean_interval``'s. Why weighted: a choice made on
+    example-weighted means (BN selection) must be judged by the same mean, or the two can
+    disagree in sign."""
+    n = len(values)
+    if n == 0 or len(weights) != n:
+        raise ValueError(f"{n} values for {len(weights)} weights")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    total = float(sum(weights))
+    mean = sum(w * v for w, v in zip(weights, values)) / total
+    if n == 1:
+        return Interval(mean, math.nan, 1)
+    var = n / (n - 1) * sum((w * (v - mean)) ** 2 for w, v in zip(weights, values)) / total ** 2
+    return Interval(mean, t_critical(n - 1) * math.sqrt(var), n)
+
+
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Interval:
     """a - b over the seeds both have (per-seed differences, then their t interval)."""
     seeds = sorted(set(a) & set(b))
