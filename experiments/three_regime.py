@@ -8,7 +8,7 @@ centrally, then with a federated knob on the temperature axis.
     # federated: temperature axis = a federated knob (Dirichlet alpha here; or
     # train.local_epochs / data.num_clients), dense FedAvg then federated retraining
     FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
-        --federated data.alpha --values 0.1 0.5 1.0 100 --out experiments/results/three_regime_fed
+        --federated data.alpha --values 0.1 1.0 iid --out experiments/results/three_regime_fed
     .venv/bin/python experiments/three_regime.py --out ... --table   # table + phase diagram
 
 Protocol, scaled down from the reference code (github.com/YefanZhou/ThreeRegimePruning:
@@ -32,7 +32,8 @@ Federated cells run ``fedprune run`` (the ``dense`` row config of the non-IID st
 clients, 12 rounds of 1 local epoch unless ``--set`` says otherwise): dense FedAvg at each
 knob value, then retraining from its final weights under ``method.init=uniform`` with the
 classifier excluded, one run per seed (``run.seed``: client data order; same partition). The
-probes read the pooled training images: a study-only view that no deployed server has.
+probes read the federation's pooled training images (the first ``--probe-images`` of its
+training pool): a study-only view that no deployed server has.
 
 Rows go to ``rows.jsonl`` as cells finish; a rerun skips finished cells.
 """
@@ -120,14 +121,27 @@ def prune(model, density: float):
 
 
 def splits(args):
-    """The training subset and its first ``--probe-images`` (the probes' images)."""
+    """The training images and the probes' images: centrally the first ``--train-subset``
+    and their first ``--probe-images``; federated, the federation's own pooled training
+    images (``train_pool`` of the run config, the same for every knob value that leaves
+    the pool alone) and their first ``--probe-images``, so the probes read training error."""
     from fedprune.data import ArraySplit, load_split
 
-    train = load_split("cifar10", "train")
-    n = args.train_subset
-    train = ArraySplit(np.asarray(train.images[:n]), np.asarray(train.labels[:n]))
-    probe = ArraySplit(np.asarray(train.images[:args.probe_images]),
-                       np.asarray(train.labels[:args.probe_images]))
+    full = load_split("cifar10", "train")
+    images, labels = np.asarray(full.images), np.asarray(full.labels)
+    if args.federated:
+        from fedprune.config import load_config
+        from fedprune.data.partitioning import train_pool
+
+        cfg = load_config(str(FED_CONFIG), list(args.set))
+        order = train_pool(len(labels), cfg.data)
+    else:
+        order = np.arange(args.train_subset)
+    if args.probe_images > len(order):
+        raise SystemExit(f"--probe-images {args.probe_images} exceeds the "
+                         f"{len(order)} training images")
+    train = ArraySplit(images[order], labels[order])
+    probe = ArraySplit(images[order[:args.probe_images]], labels[order[:args.probe_images]])
     return train, probe
 
 
@@ -284,12 +298,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="experiments/results/three_regime")
     p.add_argument("--train-subset", type=int, default=10000)
-    p.add_argument("--probe-images", type=int, default=5000)
+    p.add_argument("--probe-images", type=int, default=2000)
     p.add_argument("--test-subset", type=int, default=0, help="test images (0: all 10,000)")
     p.add_argument("--dense-epochs", type=int, default=16)
-    p.add_argument("--temps", type=int, nargs="+", default=[2, 4, 8, 12, 16],
+    p.add_argument("--temps", type=int, nargs="+", default=[2, 4, 8, 16],
                    help="dense checkpoints (epochs) to prune: fewer epochs = hotter")
-    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4, 0.8])
+    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--retrain-epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])

@@ -93,3 +93,25 @@ def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypat
     tr.main(args)  # a rerun skips finished cells
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
     assert "epochs \\ density" in (tmp_path / "results.md").read_text()
+
+
+def test_federated_probes_read_the_federations_training_images(scripts, data_root):
+    # the federated runs train on a seeded random subset of CIFAR-10 (train_pool), not on
+    # its first images: the probes must read that pool, or "training error" is test error
+    import numpy as np
+
+    from fedprune.config import load_config
+    from fedprune.data import load_split
+    from fedprune.data.partitioning import train_pool
+
+    tr, _ = scripts
+    parsed = tr.parse_args(["--federated", "data.alpha", "--values", "0.1",
+                            "--probe-images", "64", "--set", "data.train_subset=300"])
+    train, probe = tr.splits(parsed)
+    full = load_split("cifar10", "train")
+    pool = train_pool(len(full.labels), load_config(str(tr.FED_CONFIG),
+                                                    ["data.train_subset=300"]).data)
+    assert len(train.labels) == 300 and len(probe.labels) == 64
+    assert not np.array_equal(pool[:64], np.arange(64))  # a real subset, not the first
+    assert np.array_equal(np.asarray(probe.labels), np.asarray(full.labels)[pool[:64]])
+    assert np.array_equal(np.asarray(train.images), np.asarray(full.images)[pool])
