@@ -11,8 +11,9 @@ with ``v_i`` the biased per-client variance, so the pooled statistics equal thos
 concatenated data. That is exact for every layer whose input does not depend on how the
 data was batched: the first BN layer in train mode, every layer with ``train_mode=False``
 (earlier BN layers then normalize with their running buffers). In train mode (FedTiny's
-protocol) deeper layers see inputs normalized with each client's own batch statistics. (The public FedTiny code sends BN scale/shift instead; the paper pools
-running statistics, which is what this does.)
+protocol) deeper layers see inputs normalized with each client's own batch statistics.
+(The public FedTiny code sends BN scale/shift instead; the paper pools running
+statistics, which is what this does.)
 """
 
 from __future__ import annotations
