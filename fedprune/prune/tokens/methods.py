@@ -11,9 +11,12 @@ attention and MLP, in every block a schedule names (no weights change, no fine-t
   dropped. The class token is never dropped and never ranked. Choices the paper's text
   (not available to us in full) may settle differently: the S/I split (``s_share``,
   default half), key pooling by the mean over heads, and WPR after the S-stage on the
-  graph restricted to the remaining tokens. Third-party code differs from the paper in
-  several ways we do not follow: a temperature-rescaled softmax, one column mean instead
-  of the iteration, no similarity stage, index order instead of importance order.
+  graph restricted to the remaining tokens. Public code differs from the paper in ways we
+  do not follow: the first author's precursor (github Hongjiew/Transformer_pruning, a
+  course project, no similarity stage) ranks on a temperature-sharpened softmax (tau 0.5)
+  with 5 iterations and prunes after blocks 3, 6 and 9 of DeiT's 12; third-party code uses
+  one column mean instead of the iteration and index order instead of importance order.
+  (Schedules like the precursor's, measured on our ViT: experiments/token_schedules.py.)
 - ``tome`` (Bolya et al., ICLR 2023): bipartite soft matching on the keys averaged over
   heads; alternate tokens form sets A and B, each A token's best B match is an edge, the
   ``r`` best edges merge (size-weighted mean); the class token is never a source and stays
