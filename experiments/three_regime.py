@@ -303,7 +303,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dense-epochs", type=int, default=16)
     p.add_argument("--temps", type=int, nargs="+", default=[2, 4, 8, 16],
                    help="dense checkpoints (epochs) to prune: fewer epochs = hotter")
-    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
+    p.add_argument("--densities", type=float, nargs="+",
+                   default=[0.02, 0.05, 0.1, 0.2, 0.4])
     p.add_argument("--retrain-epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
