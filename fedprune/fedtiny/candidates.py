@@ -58,10 +58,15 @@ def select_candidate(losses: list[list[float]], counts: list[int]) -> int:
     width = {len(row) for row in losses}
     if len(width) != 1:
         raise ValueError(f"clients reported losses for different numbers of candidates {width}")
-    total = float(sum(counts))
-    weighted = [sum(c * row[k] for row, c in zip(losses, counts)) / total
-                for k in range(width.pop())]
+    weighted = weighted_losses(losses, counts)
     return min(range(len(weighted)), key=lambda k: (weighted[k], k))
+
+
+def weighted_losses(losses: list[list[float]], counts: Sequence[int]) -> list[float]:
+    """Each candidate's loss over all clients, weighted by their examples."""
+    total = float(sum(counts))
+    return [sum(c * row[k] for row, c in zip(losses, counts)) / total
+            for k in range(len(losses[0]))]
 
 
 def selection_margin(losses: list[list[float]], best: int, rival: int,

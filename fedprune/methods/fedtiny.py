@@ -183,7 +183,8 @@ class FedTiny(Method):
         if not self.options.candidates:
             return None
         from ..fedtiny.bn_selection import pack_candidates, with_pooled_bn
-        from ..fedtiny.candidates import build_candidates, select_candidate, selection_margin
+        from ..fedtiny.candidates import (build_candidates, select_candidate, selection_margin,
+                                          weighted_losses)
         from ..fl.server_core import load_state_
         from ..models import build_model
 
@@ -206,9 +207,7 @@ class FedTiny(Method):
         losses = [r.metrics["losses"] for r in replies]
         counts = [r.examples for r in replies]
         best = select_candidate(losses, counts)
-        total = float(sum(counts))
-        weighted = [sum(c * row[k] for row, c in zip(losses, counts)) / total
-                    for k in range(count)]
+        weighted = weighted_losses(losses, counts)
         record = {"candidates": [name for name, _ in candidates],
                   "weighted_losses": weighted, "clients_stats": len(per_candidate[0]),
                   "clients_losses": len(losses),
