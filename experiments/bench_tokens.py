@@ -42,14 +42,16 @@ def settings(args) -> list[tuple[str, str, dict]]:
     return out
 
 
-def measure_setting(model, dataset, method, options, args) -> dict:
+def measure_setting(model, dataset, method, options, args, speed: bool = True) -> dict:
+    """Accuracy, token counts and FLOPs (and images/s with ``speed``) with ``method``
+    attached; the model is left dense."""
     from fedprune.prune.tokens.job import measure
 
     pruner = token_pruner(method, **options) if method != "dense" else None
     if pruner:
         pruner.attach(model)
     try:
-        return measure(model, dataset, args.eval_images)
+        return measure(model, dataset, args.eval_images, speed=speed)
     finally:
         if pruner:
             pruner.detach(model)

@@ -297,6 +297,36 @@ def paired_lines(grid: Grid, alpha: str) -> list[str]:
     return out
 
 
+def seed_table(grid: Grid, alpha: str, density: float) -> list[str]:
+    """One cell of the grid with a column per seed, the mean with its 95% half-width, and
+    each method's paired difference to the best baseline (empty when no method of the
+    cell ran more than one seed)."""
+    seeds = sorted({s for m in grid.methods for s in grid.accs(m, alpha, density)})
+    if not any(len(grid.accs(m, alpha, density)) > 1 for m in grid.methods):
+        return []
+    best = grid.best_baseline("", alpha, density)
+    ref = best[1][0] if best else None
+    lines = [f"### {alpha_title(alpha)}, density {density:g}: every seed", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) +
+             f" | mean ± 95% half-width | paired difference to {ref or 'the best baseline'} |",
+             "|---" * (len(seeds) + 3) + "|"]
+    for method in grid.methods:
+        accs = grid.accs(method, alpha, density)
+        if not accs:
+            continue
+        mean = _pct_interval(grid.interval(method, alpha, density)).replace(
+            f" (n={len(accs)})", "")
+        if method == ref:
+            mean, diff = f"**{mean}**", DASH
+        elif ref and set(accs) & set(grid.accs(ref, alpha, density)):
+            diff = _pp_interval(paired_difference(accs, grid.accs(ref, alpha, density)))
+        else:
+            diff = DASH
+        lines.append(f"| {method} | " + " | ".join(_pct(accs.get(s)) for s in seeds) +
+                     f" | {mean} | {diff} |")
+    return lines + [""]
+
+
 def gap_lines(grid: Grid, alpha: str) -> list[str]:
     """FedTiny vs best baseline and dense, reinit vs FedTiny, per density column."""
     out = []
@@ -557,6 +587,8 @@ def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, 
               f"is repeated in every column. {DASH}: no finished run.", ""]
     for alpha in grid.alphas:
         lines += [f"## {alpha_title(alpha)}", ""] + accuracy_table(grid, alpha) + [""]
+        for density in grid.densities:
+            lines += seed_table(grid, alpha, density)
     ref_alpha = REF_CELL[0] if REF_CELL[0] in grid.alphas else (grid.alphas or [""])[0]
     if ref_alpha:
         lines += [f"## Cost at {alpha_title(ref_alpha)}: achieved density / inference FLOPs "

@@ -294,6 +294,14 @@ def test_report_pairs_methods_over_seeds(tools, tmp_path):
     assert "- fedtiny: 0.05: +2.10 pp [+1.85, +2.35] (n=3) vs erk" in md
     # snip - erk: +1, -4, +2 pp -> the interval contains zero
     assert "- snip: 0.05: -0.33 pp" in md and "(n=3, not distinguishable) vs erk" in md
+    # the cell's own table: one column per seed, the best baseline in bold, no difference
+    table = md.split("### Dirichlet alpha = 0.5, density 0.05: every seed")[1]
+    assert "| method | seed 0 | seed 1 | seed 2 | mean ± 95% half-width | paired difference" \
+        " to erk |" in table
+    assert "| erk | 40.00 | 50.00 | 45.00 | **45.00 ± 12.42** | — |" in table
+    # fedtiny 42.0, 52.1, 47.2: sd sqrt((5.1^2 + 5.0^2 + 0.1^2) / 2) = 5.0507 -> 12.55
+    assert "| fedtiny | 42.00 | 52.10 | 47.20 | 47.10 ± 12.55 | +2.10 pp [+1.85, +2.35] (n=3) |" \
+        in table
 
 
 def test_report_lists_each_bn_selection_with_its_margin(tools):

@@ -66,6 +66,40 @@ def test_i_stage_drops_the_planted_least_attended_tokens_never_the_class_token()
     assert sizes.shape == (1, 4, 1)
 
 
+def test_sharpened_graph_is_the_softmax_at_temperature_tau():
+    from fedprune.prune.tokens.wpr import sharpen
+
+    row = torch.tensor([[[[0.5, 0.3, 0.2]]]])
+    torch.testing.assert_close(sharpen(row, 0.5)[0, 0, 0],
+                               torch.tensor([0.25, 0.09, 0.04]) / 0.38)  # squares, by hand
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 5, 5)
+    att = torch.softmax(logits, -1)
+    torch.testing.assert_close(sharpen(att, 0.5), torch.softmax(logits / 0.5, -1))
+    assert sharpen(att, 1.0) is att
+    # the pruner ranks on the sharpened graph: WPR of softmax(2 z), computed independently
+    pruner = ZeroTPrune(tau=0.5, v_min=None, v_max=None, cls_weight="uniform")
+    ref = weighted_pagerank(torch.softmax(2 * logits, -1), 3)
+    torch.testing.assert_close(pruner.importance(att, 3), (ref ** 2).mean(1).sqrt())
+    with pytest.raises(ValueError, match=r"zero-tprune: tau=0 must be > 0"):
+        ZeroTPrune(tau=0)
+
+
+def test_class_attention_control_drops_what_the_class_token_ignores():
+    # every patch token attends to token 2 (so WPR would keep it), but the class token's
+    # row gives 2 and 4 the least weight, and itself none
+    att = _attention_to(6, [0.0, 1.0, 9.0, 1.0, 1.0, 1.0])
+    att[0, 0, 0] = torch.tensor([0.0, 0.3, 0.05, 0.3, 0.05, 0.3])
+    block = SimpleNamespace(last_attention=att, last_keys=torch.randn(1, 1, 6, 8))
+    x = torch.arange(6.0).view(1, 6, 1)
+    out, _ = token_pruner("cls-attn", keep=[0.6]).reduce(0, 6, block, x, torch.ones(1, 6, 1),
+                                                         remove=2)
+    assert out.flatten().tolist() == [0.0, 1.0, 3.0, 5.0]
+    wpr, _ = ZeroTPrune(keep=[0.6], s_share=0.0, v_min=None, v_max=None).reduce(
+        0, 6, block, x, torch.ones(1, 6, 1), remove=2)
+    assert 2.0 in wpr.flatten().tolist()  # the two criteria differ on this graph
+
+
 def test_s_stage_drops_the_planted_duplicate_from_the_less_important_half():
     keys = torch.eye(7)[:, :7].clone().view(1, 1, 7, 7)
     keys[0, 0, 2] = keys[0, 0, 5]  # token 2 duplicates token 5
@@ -132,7 +166,7 @@ def _counted_flops(model, images) -> int:
 
 @pytest.mark.parametrize("name,options", [
     ("zero-tprune", {"keep": [1.0, 0.5, 1.0, 0.5]}), ("random", {"keep": [1.0, 0.5, 1.0, 0.5]}),
-    ("tome", {"r": 8})])
+    ("cls-attn", {"keep": [1.0, 0.5, 1.0, 0.5]}), ("tome", {"r": 8})])
 def test_token_counts_and_flops_follow_the_schedule(vit, name, options):
     images = torch.randn(2, 3, 32, 32)
     dense = vit(images)
@@ -144,7 +178,8 @@ def test_token_counts_and_flops_follow_the_schedule(vit, name, options):
         pruner.detach(vit)
     expected = {"tome": [65, 57, 49, 41, 33, 25, 17],
                 "zero-tprune": [65, 65, 33, 33, 17, 17, 17],
-                "random": [65, 65, 33, 33, 17, 17, 17]}[name]
+                "random": [65, 65, 33, 33, 17, 17, 17],
+                "cls-attn": [65, 65, 33, 33, 17, 17, 17]}[name]
     assert vit.last_tokens == expected
     one = images[:1]
     pruner.attach(vit)
@@ -152,7 +187,7 @@ def test_token_counts_and_flops_follow_the_schedule(vit, name, options):
         counted = _counted_flops(vit, one)
     finally:
         pruner.detach(vit)
-    if name == "random":  # its reducer multiplies nothing: the counts agree exactly
+    if name in ("random", "cls-attn"):  # their reducers multiply nothing: exact agreement
         assert vit.flops(expected) == counted
     else:
         assert vit.flops(expected) < counted < 1.15 * vit.flops(expected)

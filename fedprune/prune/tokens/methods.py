@@ -13,15 +13,20 @@ attention and MLP, in every block a schedule names (no weights change, no fine-t
   default half), key pooling by the mean over heads, and WPR after the S-stage on the
   graph restricted to the remaining tokens. Public code differs from the paper in ways we
   do not follow: the first author's precursor (github Hongjiew/Transformer_pruning, a
-  course project, no similarity stage) ranks on a temperature-sharpened softmax (tau 0.5)
-  with 5 iterations and prunes after blocks 3, 6 and 9 of DeiT's 12; third-party code uses
-  one column mean instead of the iteration and index order instead of importance order.
-  (Schedules like the precursor's, measured on our ViT: experiments/token_schedules.py.)
+  course project, no similarity stage) ranks on a temperature-sharpened softmax (tau 0.5;
+  ``tau`` here, default 1: the paper's attention as is) with 5 iterations and prunes after
+  blocks 3, 6 and 9 of DeiT's 12; the version we read (95a34e0) has that iteration
+  commented out and ranks on ``torch.rand`` scores. Third-party code uses one column mean
+  instead of the iteration and index order instead of importance order. (Schedules like
+  the precursor's, tau, and the class-attention control, measured on our ViT:
+  experiments/token_schedules.py.)
 - ``tome`` (Bolya et al., ICLR 2023): bipartite soft matching on the keys averaged over
   heads; alternate tokens form sets A and B, each A token's best B match is an edge, the
   ``r`` best edges merge (size-weighted mean); the class token is never a source and stays
   first; proportional attention (log size added to attention logits) on by default.
 - ``random``: drops the same number of tokens at random (the control).
+- ``cls-attn``: keeps the tokens the class token attends to most (head mean; EViT's
+  criterion without fusion), the one-step attention control for WPR.
 
 Schedules: ``keep`` (fractions of the non-class tokens kept at each block, 1 = none
 removed) for zero-tprune and random, ``r`` (tokens merged per block) for tome; both give
@@ -37,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import adapter_for
-from .wpr import combine_heads, default_cls_weight, iterations_for, restrict, weighted_pagerank
+from .wpr import (combine_heads, default_cls_weight, iterations_for, restrict, sharpen,
+                  weighted_pagerank)
 
 _TOKEN_PRUNERS: dict[str, type["TokenPruner"]] = {}
 
@@ -162,11 +168,14 @@ class ZeroTPrune(TokenPruner):
     v_min: float | None = 0.01
     v_max: float | None = 0.7
     cls_weight: str = "sqrt"  # "sqrt" (sqrt(N) x the others) or "uniform"
+    tau: float = 1.0  # softmax temperature of the graph WPR ranks on (1: the attention itself)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.s_share <= 1:
             raise ValueError(f"zero-tprune: s_share={self.s_share} is outside [0, 1]")
+        if self.tau <= 0:
+            raise ValueError(f"zero-tprune: tau={self.tau} must be > 0")
 
     def importance(self, attention: torch.Tensor, iterations: int,
                    present: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +183,8 @@ class ZeroTPrune(TokenPruner):
         of a ``restrict``-ed graph, which alone count for N."""
         n = attention.shape[-1] if present is None else int(present[0].sum())
         w = default_cls_weight(n) if self.cls_weight == "sqrt" else None
-        return combine_heads(weighted_pagerank(attention, iterations, w, present), self.v_min,
+        graph = sharpen(attention, self.tau)  # commutes with restrict: both renormalise rows
+        return combine_heads(weighted_pagerank(graph, iterations, w, present), self.v_min,
                              self.v_max, present)
 
     def s_stage(self, importance: torch.Tensor, keys: torch.Tensor, r: int) -> torch.Tensor:
@@ -224,6 +234,24 @@ class ZeroTPrune(TokenPruner):
             kept = _keep_order(scores.topk(left - r_i, dim=1).indices)
         else:
             kept = present.nonzero()[:, 1].view(b, left)
+        return gather_tokens(x, kept), gather_tokens(sizes, kept)
+
+
+@register_token_pruner
+@dataclass
+class ClassAttention(TokenPruner):
+    """The class token's attention as the importance (mean over heads): the criterion of
+    EViT (Liang et al., ICLR 2022) without its fusion of the dropped tokens. A control for
+    Zero-TPrune: does one-step attention from the class token rank better than WPR?"""
+
+    name: ClassVar[str] = "cls-attn"
+
+    def reduce(self, layer, depth, block, x, sizes, remove):
+        if block.last_attention is None:
+            raise ValueError("cls-attn: the block kept no attention probabilities")
+        scores = block.last_attention[:, :, 0, :].float().mean(1)  # (B, N)
+        scores[:, 0] = float("inf")  # the class token stays
+        kept = _keep_order(scores.topk(x.shape[1] - remove, dim=1).indices)
         return gather_tokens(x, kept), gather_tokens(sizes, kept)
 
 

@@ -51,6 +51,18 @@ def restrict(attention: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def sharpen(attention: torch.Tensor, tau: float) -> torch.Tensor:
+    """Attention at softmax temperature ``tau``: softmax(z / tau) = A^(1/tau), rows
+    renormalised, computed from the probabilities A = softmax(z) (the logits are not kept).
+    tau = 1 returns A; tau < 1 sharpens (the first author's precursor code ranks on 0.5)."""
+    if tau <= 0:
+        raise ValueError(f"tau={tau} must be > 0")
+    if tau == 1:
+        return attention
+    powered = attention.float() ** (1.0 / tau)
+    return powered / powered.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
 def weighted_pagerank(attention: torch.Tensor, iterations: int,
                       cls_weight: float | None = None,
                       present: torch.Tensor | None = None) -> torch.Tensor:
