@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", default="wanda",
                     help="weights: magnitude | wanda | sparsegpt | admm; tokens (an image "
                          "transformer, --model cifar10:vit[:WIDTH], or a sentence encoder, "
-                         "--model minilm): zero-tprune | tome | random")
+                         "--model minilm): zero-tprune | tome | random | cls-attn")
     pr.add_argument("--sparsity", type=float, default=None,
                     help="fraction of each prunable layer set to zero, in [0, 1) (default 0.5)")
     pr.add_argument("--pattern", default="", help="N:M semi-structured, e.g. 2:4")
@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cnn-epochs", type=int, default=3,
                     help="CNN / ViT: epochs of the (cached) reference training")
     pr.add_argument("--keep", default="",
-                    help="zero-tprune / random: fraction of the tokens each block keeps, "
-                         "comma-separated per block, e.g. 1,0.7,1,0.7,1,0.7")
+                    help="zero-tprune / random / cls-attn: fraction of the tokens each block "
+                         "keeps, comma-separated per block, e.g. 1,0.7,1,0.7,1,0.7")
     pr.add_argument("--merge-r", type=int, default=0, help="tome: tokens merged per block")
     pr.add_argument("--eval-images", type=int, default=0,
                     help="token pruning: test images evaluated (0: all)")

@@ -1,5 +1,5 @@
-"""`fedprune prune --method zero-tprune|tome|random`: before and after token pruning, in
-one report, for two kinds of model:
+"""`fedprune prune --method zero-tprune|tome|random|cls-attn`: before and after token
+pruning, in one report, for two kinds of model:
 
 - an image transformer, ``--model DATASET:vit[:WIDTH]``: the briefly trained reference
   (cached, as for CNNs: fedprune.prune.cnn.reference_cnn); accuracy on the test split,
@@ -32,7 +32,7 @@ from .methods import schedule_pruner
 class TokenJob:
     model: str = "cifar10:vit:16"  # or a sentence encoder: minilm, a folder, a hub id
     method: str = "zero-tprune"
-    keep: list[float] = field(default_factory=list)  # per block (zero-tprune, random)
+    keep: list[float] = field(default_factory=list)  # per block (zero-tprune, random, cls-attn)
     r: int = 0  # tokens merged per block (tome)
     options: dict[str, Any] = field(default_factory=dict)  # e.g. s_share, seed
     epochs: int = 3  # reference training epochs (cached)
@@ -47,7 +47,8 @@ class TokenJob:
 def make_pruner(job: TokenJob):
     if job.method == "tome":
         if job.keep:
-            raise ValueError("--keep is a zero-tprune/random schedule; tome takes --merge-r")
+            raise ValueError("--keep is a keep-fraction schedule (zero-tprune, random, "
+                             "cls-attn); tome takes --merge-r")
         if job.r < 1:
             raise ValueError(f"--merge-r must be >= 1 for tome, got {job.r}")
         return schedule_pruner("tome", job.r, **job.options)

@@ -29,8 +29,8 @@ attention and MLP, in every block a schedule names (no weights change, no fine-t
   criterion without fusion), the one-step attention control for WPR.
 
 Schedules: ``keep`` (fractions of the non-class tokens kept at each block, 1 = none
-removed) for zero-tprune and random, ``r`` (tokens merged per block) for tome; both give
-a count per block, so the methods compare at equal token counts.
+removed) for zero-tprune, cls-attn and random, ``r`` (tokens merged per block) for tome;
+both give a count per block, so the methods compare at equal token counts.
 """
 
 from __future__ import annotations
