@@ -159,8 +159,8 @@ class Adapter(ABC):
         ``last_attention`` / ``last_keys`` of its last forward pass)."""
         raise ValueError(f"{self.family} adapter: token pruning needs a transformer whose "
                          f"attention probabilities can be read; {type(model).__name__} "
-                         "has none (supported: fedprune's ViT, model.name=vit, and "
-                         "Hugging Face BERT-style encoders)")
+                         "has none (supported: fedprune's ViT, model.name=vit, Hugging "
+                         "Face BERT-style encoders and ViT/DeiT image classifiers)")
 
     def token_counts(self, model: nn.Module) -> list[int]:
         """Tokens entering each token block in the last forward pass, then those leaving

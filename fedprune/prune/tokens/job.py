@@ -2,8 +2,10 @@
 pruning, in one report, for two kinds of model:
 
 - an image transformer, ``--model DATASET:vit[:WIDTH]``: the briefly trained reference
-  (cached, as for CNNs: fedprune.prune.cnn.reference_cnn); accuracy on the test split,
-  FLOPs, images/s at batch 1 and 64;
+  (cached, as for CNNs: fedprune.prune.cnn.reference_cnn); or ``--model
+  DATASET:hf:FOLDER_OR_HUB_ID``, a Hugging Face ViT/DeiT classifier fine-tuned on the
+  dataset (``fedprune.models.hf_image``); accuracy on the test split, FLOPs, images/s at
+  batch 1 and 64;
 - a sentence encoder, ``--model minilm`` (or a BERT-style folder / hub id): embedding
   fidelity on held-out WikiText-2 sentences (``tokens.encoder``), FLOPs, sentences/s.
 
@@ -88,9 +90,15 @@ def _image_rows(job: TokenJob, pruner, device) -> dict[str, Any]:
     from ..cnn import reference_cnn
     from ..job import _parse_cnn_model
 
-    dataset, arch, width = _parse_cnn_model(job.model)
-    model = reference_cnn(ModelConfig(name=arch, width=width), dataset, job.epochs, job.seed,
-                          device=device).eval()
+    dataset, rest = job.model.split(":", 1)
+    if rest.startswith("hf:"):  # a Hugging Face image classifier: DATASET:hf:FOLDER_OR_ID
+        from ...models.hf_image import load_image_classifier
+
+        model = load_image_classifier(rest[3:], dataset).to(device)
+    else:
+        dataset, arch, width = _parse_cnn_model(job.model)
+        model = reference_cnn(ModelConfig(name=arch, width=width), dataset, job.epochs,
+                              job.seed, device=device).eval()
     adapter_for(model).token_blocks(model)  # a model without token sites fails here
     report = {"dense": measure(model, dataset, job.eval_images, job.speed, device)}
     pruner.attach(model)
