@@ -112,14 +112,19 @@ def _keep_keys(layer: nn.Module, heads: int):
     return hook
 
 
+def is_prenorm_vit_layer(layer: nn.Module) -> bool:
+    """A transformers-5 ViT layer: layernorm_before, attention.k_proj, layernorm_after, mlp."""
+    return all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after", "mlp")) \
+        and hasattr(getattr(layer, "attention", None), "k_proj")
+
+
 def _site_kind(layer: nn.Module) -> tuple | None:
     """(site forward, key projection, heads, config) of a supported layer, else None."""
     attention = getattr(layer, "attention", None)
     if hasattr(layer, "feed_forward_chunk") and hasattr(attention, "self"):
         own = attention.self
         return _bert_site_forward, own.key, own.num_attention_heads, getattr(own, "config", None)
-    if all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after", "mlp")) \
-            and hasattr(attention, "k_proj"):
+    if is_prenorm_vit_layer(layer):
         return (_prenorm_site_forward, attention.k_proj, attention.num_attention_heads,
                 getattr(attention, "config", None))
     return None

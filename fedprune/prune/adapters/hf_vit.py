@@ -17,12 +17,7 @@ from torch import nn
 
 from .base import register_adapter_before
 from .hf_encoder import HFEncoderAdapter
-from .hf_tokens import encoder_flops
-
-
-def _is_prenorm_vit_layer(layer: nn.Module) -> bool:
-    return all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after", "mlp")) \
-        and hasattr(getattr(layer, "attention", None), "k_proj")
+from .hf_tokens import encoder_flops, is_prenorm_vit_layer
 
 
 @register_adapter_before("hf_decoder")  # a bare ViTModel's ``layers`` would look like one
@@ -38,7 +33,7 @@ class HFViTAdapter(HFEncoderAdapter):
     def stack_path(cls, model: nn.Module) -> str | None:
         paths = [name for name, m in model.named_modules()
                  if isinstance(m, nn.ModuleList) and len(m) > 0
-                 and all(_is_prenorm_vit_layer(layer) for layer in m)]
+                 and all(is_prenorm_vit_layer(layer) for layer in m)]
         return paths[0] if len(paths) == 1 else None
 
     def token_flops(self, model: nn.Module, tokens: list[int]) -> float:

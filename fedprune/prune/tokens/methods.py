@@ -79,6 +79,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k), in sequence order, of the ``k`` highest scores; the class token
+    (0) always among them. Overwrites ``scores[:, 0]``."""
+    scores[:, 0] = float("inf")
+    return _keep_order(scores.topk(k, dim=1).indices)
+
+
 def _keep_order(keep: torch.Tensor) -> torch.Tensor:
     return keep.sort(dim=1).values
 
@@ -230,8 +237,7 @@ class ZeroTPrune(TokenPruner):
                                      present)
             if present is not None:
                 scores = scores.masked_fill(~present, -float("inf"))
-            scores[:, 0] = float("inf")  # the class token stays
-            kept = _keep_order(scores.topk(left - r_i, dim=1).indices)
+            kept = _top_tokens(scores, left - r_i)
         else:
             kept = present.nonzero()[:, 1].view(b, left)
         return gather_tokens(x, kept), gather_tokens(sizes, kept)
@@ -250,8 +256,7 @@ class ClassAttention(TokenPruner):
         if block.last_attention is None:
             raise ValueError("cls-attn: the block kept no attention probabilities")
         scores = block.last_attention[:, :, 0, :].float().mean(1)  # (B, N)
-        scores[:, 0] = float("inf")  # the class token stays
-        kept = _keep_order(scores.topk(x.shape[1] - remove, dim=1).indices)
+        kept = _top_tokens(scores, x.shape[1] - remove)
         return gather_tokens(x, kept), gather_tokens(sizes, kept)
 
 
