@@ -51,7 +51,7 @@ BASELINES = ("random", "erk", "snip", "synflow", "prunefl", "feddst", "gates")
 REF_CELL = ("0.5", 0.05)  # acc_vs_round.png: alpha 0.5, density 0.05
 CSV_COLUMNS = ["method", "alpha", "density", "seed", "final_accuracy", "best_accuracy",
                "achieved_density", "flops_vs_dense", "bytes_vs_dense", "wall_seconds",
-               "rounds", "run"]
+               "rounds", "run", "machine"]
 SETTING_KEYS = ("model.name", "model.width", "data.num_clients", "data.train_subset",
                 "data.test_subset", "fed.rounds", "fed.fraction_train", "train.local_epochs",
                 "train.batch_size", "train.lr")
@@ -129,7 +129,8 @@ def _row(run: str, cell: tuple[str, str, float, int], summary: dict) -> dict[str
             "bytes_vs_dense": summary.get("bytes_vs_dense"),
             "wall_seconds": summary.get("wall_seconds"),
             "rounds": summary.get("rounds"), "run": run,
-            "config": summary.get("config", {}), "selection": summary.get("selection")}
+            "config": summary.get("config", {}), "selection": summary.get("selection"),
+            "machine": summary.get("machine")}
 
 
 def _unfinished_line(run: Path) -> str:
@@ -572,6 +573,31 @@ def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def machine_lines(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> list[str]:
+    """Where the runs ran, from each run's summary.json: one line if one machine ran them
+    all, else each machine with its runs (cells from different CPUs differ as seeds do)."""
+    by: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["run"]):
+        by.setdefault(r.get("machine") or "", []).append(r["run"])
+    if not by:
+        by[""] = []
+    if list(by) != [""] and len(by) == 1:
+        return [f"Machine: {next(iter(by))} (every run)"]
+    if list(by) == [""]:
+        # older sweeps kept one machine for the whole sweep, the latest invocation's
+        latest = sweep.get("machine") or next(
+            (inv["machine"] for inv in reversed(sweep.get("invocations", []))
+             if inv.get("machine")), None)
+        return [f"Machine: not recorded per run; the latest sweep invocation ran on {latest}"
+                if latest else "Machine: not recorded"]
+    lines = ["Machines (from each run's summary.json; cells from different CPUs are not "
+             "reproducible across them):"]
+    for machine, runs in sorted(by.items(), key=lambda kv: (kv[0] == "", kv[0])):
+        name = machine or "not recorded (runs written before summaries named their machine)"
+        lines.append(f"- {name}: {len(runs)} runs: {', '.join(runs)}")
+    return lines
+
+
 def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, Any]],
              sweep: dict[str, Any], runs_dir: Path, notes: list[str]) -> str:
     lines = ["# Non-IID study: final test accuracy (%) by label skew and density", "",
@@ -580,8 +606,7 @@ def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, 
     commands = [inv["command"] for inv in sweep.get("invocations", [])]
     lines += [f"Sweep command: `{c}`" for c in dict.fromkeys(commands)] or \
         ["Sweep command: not recorded (no sweep.json beside the runs)."]
-    machine = sweep.get("machine") or "not recorded"
-    lines += ["", f"Machine: {machine}", "", f"Setting: {setting_line(rows)}", "",
+    lines += [""] + machine_lines(rows, sweep) + ["", f"Setting: {setting_line(rows)}", "",
               "Rows are methods, columns the target density; **bold**: the best sparse "
               f"baseline ({', '.join(BASELINES)}) in the column. Dense FedAvg has no mask and "
               f"is repeated in every column. {DASH}: no finished run.", ""]

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprune.config import ConfigError, ExperimentConfig, load_config, to_flat_dict
+from fedprune.machine import describe_machine
 from report_noniid import build_report, cell_name, method_order, split_method
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,35 +234,6 @@ def _fail(cell: Cell, run_dir: Path, rc: int | None, reason: str) -> str:
     return reason
 
 
-def describe_machine() -> str:
-    """CPU model, cores, memory and GPU of this machine, for results.md."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import psutil
-
-    ram = psutil.virtual_memory().total / 2**30
-    return (f"{platform.machine()}, {cpu}, {os.cpu_count()} cores ({usable} usable), "
-            f"{ram:.0f} GiB RAM, GPU: {_gpu_name()}")
-
-
-def _gpu_name() -> str:
-    if not shutil.which("nvidia-smi"):
-        return "none"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return ", ".join(out.stdout.split("\n")).strip(", ") or "none"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def record_sweep(out: Path, argv: list[str], methods: list[str], alphas: list[str],
                  densities: list[str], seeds: list[int] = (0,)) -> None:
     """Append this invocation to <out>/sweep.json (what results.md quotes)."""
@@ -271,9 +241,10 @@ def record_sweep(out: Path, argv: list[str], methods: list[str], alphas: list[st
     info = json.loads(path.read_text()) if path.exists() else {}
     info.setdefault("invocations", []).append(
         {"command": "experiments/sweep_noniid.py " + shlex.join(argv),
-         "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    info.update(machine=describe_machine(), methods=methods, alphas=alphas,
-                densities=densities, seeds=list(seeds))
+         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe_machine()})
+    # one sweep-wide "machine" was kept before: it named the latest machine for all runs
+    info.pop("machine", None)
+    info.update(methods=methods, alphas=alphas, densities=densities, seeds=list(seeds))
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2))
 

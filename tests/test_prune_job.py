@@ -89,6 +89,8 @@ def test_report_and_blocks_survive_a_crash(tmp_path, monkeypatch):
     ({"method_options": ["nosuch=1"]}, "nosuch"),
     ({"sequential": "maybe"}, "--sequential"),
     ({"model": "cifar10:resnet50"}, "resnet50"),
+    ({"model": "cifar10:hf:"}, "after 'hf:'"),
+    ({"model": "cifar10:hf:/no/such/vit"}, "/no/such/vit"),
     ({"method": "wanda", "scope": "layer"}, "--opt scope"),
 ])
 def test_bad_settings_fail_before_any_work(changes, needle):

@@ -43,6 +43,16 @@ def test_recorder_refuses_an_existing_run_and_resume_drops_rounds_after_the_chec
     assert "3," not in (tmp_path / "metrics.csv").read_text().split("\n", 2)[2]
 
 
+def test_summary_names_the_machine_it_ran_on(tmp_path, monkeypatch):
+    monkeypatch.setattr("fedprune.fl.recorder.describe_machine", lambda: "CPU X, 2 cores")
+    rec = RunRecorder(tmp_path, "a: 1\n")
+    rec.write_summary({"rounds": 1})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "rounds": 1, "machine": "CPU X, 2 cores"}
+    rec.write_summary({"rounds": 1, "machine": "given"})  # a caller's own record stays
+    assert json.loads((tmp_path / "summary.json").read_text())["machine"] == "given"
+
+
 def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     rec = RunRecorder(tmp_path, "a: 1\n")
     rec.log_round(_row(0))

@@ -242,7 +242,7 @@ def test_build_report_csv_table_and_plots(tools, tmp_path):
                        "final_accuracy": "0.4321", "best_accuracy": "0.44",
                        "achieved_density": "0.0512", "flops_vs_dense": "0.07",
                        "bytes_vs_dense": "0.07", "wall_seconds": "60.0", "rounds": "2",
-                       "run": "fedtiny-a0.5-d0.05"}
+                       "run": "fedtiny-a0.5-d0.05", "machine": ""}
 
     md = (out / "results.md").read_text()
     assert md == result["markdown"]
@@ -331,10 +331,37 @@ def test_report_uses_sweep_record_for_command_machine_and_grid(tools, tmp_path):
         "alphas": ["0.1", "0.5"], "densities": ["0.01", "0.05"]}))
     md = report.build_report(runs, out, memory_json=None)["markdown"]
     assert "Sweep command: `experiments/sweep_noniid.py --rounds 2`" in md
-    assert "Machine: x86_64, test CPU, 2 cores" in md
+    # runs without a machine in their summary: the sweep's latest machine, said as such
+    assert "Machine: not recorded per run; the latest sweep invocation ran on x86_64, test " \
+        "CPU, 2 cores" in md
     table_01 = md.split("## Dirichlet alpha = 0.1")[1].split("##")[0]
     assert "| method | density 0.01 | density 0.05 | density 0.1 |" in table_01
     assert "| snip | — | — | — |" in table_01
+
+
+def test_report_names_each_runs_machine_and_sweep_records_it_per_invocation(tools, tmp_path):
+    report, sweep = tools
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write_fake_runs(runs)
+    for name, machine in (("erk-a0.5-d0.05", "CPU A"), ("random-a0.5-d0.05", "CPU A"),
+                          ("dense-a0.5-d1.0", "CPU B")):
+        path = runs / name / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "machine": machine}))
+    md = report.build_report(runs, out, memory_json=None)["markdown"]
+    assert "- CPU A: 2 runs: erk-a0.5-d0.05, random-a0.5-d0.05" in md
+    assert "- CPU B: 1 runs: dense-a0.5-d1.0" in md
+    assert "- not recorded (runs written before summaries named their machine): 2 runs: " \
+        "erk-aiid-d0.1, fedtiny-a0.5-d0.05" in md
+    with open(out / "results.csv", newline="") as f:
+        assert {r["run"]: r["machine"] for r in csv.DictReader(f)}["dense-a0.5-d1.0"] == "CPU B"
+
+    # an old sweep.json with one sweep-wide machine: each invocation now carries its own
+    (out / "sweep.json").write_text(json.dumps({"invocations": [{"command": "old"}],
+                                                "machine": "CPU A"}))
+    sweep.record_sweep(out, ["--seeds", "1"], ["erk"], ["0.5"], ["0.05"], [1])
+    info = json.loads((out / "sweep.json").read_text())
+    assert "machine" not in info and "machine" not in info["invocations"][0]
+    assert info["invocations"][1]["machine"] == sweep.describe_machine()
 
 
 def test_memory_plot_drawn_or_skipped(tools, tmp_path):

@@ -136,3 +136,67 @@ def test_prune_command_on_a_hugging_face_vit_folder(folder, tmp_path, data_root,
     assert report["pruned"]["tokens_per_block"] == [17, 13, 9, 5]
     assert 0 < report["flops_reduction"] < 1
     assert 0 <= report["dense"]["accuracy"] <= 1
+
+
+# ---- weight pruning: the same adapter serves the one-shot pruner ---------------------------
+
+def test_block_capture_matches_the_vits_hidden_states():
+    """The pruner calibrates block by block from captured inputs: on a ViT (whose patch
+    embedding has no ``weight``) they must be the model's own hidden states."""
+    from fedprune.prune.calibrate import propagate
+
+    model = _tiny_vit()
+    adapter = adapter_for(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        inputs = adapter.capture_inputs(model, {"pixel_values": pixels}, "cpu")
+        hidden = [inputs[0].hidden]
+        for block in adapter.blocks(model):
+            inputs = propagate(adapter, block, inputs)
+            hidden.append(inputs[0].hidden)
+    assert len(hidden) == len(ref) == 4
+    for i, (ours, theirs) in enumerate(zip(hidden, ref)):
+        torch.testing.assert_close(ours, theirs, msg=f"block {i} input")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_weight_pruning_of_the_wrapped_vit_prunes_every_block_projection(method):
+    import fedprune.prune.methods  # noqa: F401  (registers the methods)
+    from fedprune.prune.base import SparsityTarget, get_pruner
+    from fedprune.prune.pipeline import prune_model
+
+    model = HFImageClassifier(_tiny_vit(), "cifar10", [0.5] * 3, [0.25] * 3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.randn(4, 3, 32, 32)]
+    report = prune_model(model, get_pruner(method), SparsityTarget(0.5), images, progress=False)
+    expected = {f"hf.vit.layers.{i}.{name}" for i in range(3) for name in (
+        "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+        "mlp.fc1", "mlp.fc2")}
+    assert set(report.masks) == expected
+    modules = dict(model.named_modules())
+    for name, mask in report.masks.items():
+        weight = modules[name].weight.detach()
+        assert torch.equal(weight == 0, ~mask), name
+        assert int((~mask).sum()) == weight.numel() // 2, name  # Wanda / SparseGPT per row
+    pruned = {f"{n}.weight" for n in expected}
+    for key, value in model.state_dict().items():  # patch embedding, norms, head untouched
+        if key not in pruned:
+            assert torch.equal(value, before[key]), key
+    assert torch.isfinite(model(images[0])).all()
+
+
+def test_prune_command_prunes_the_weights_of_a_hugging_face_vit(folder, tmp_path, data_root,
+                                                                 monkeypatch):
+    from fedprune.cli import main
+
+    monkeypatch.setenv("FEDPRUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["prune", "--model", f"cifar10:hf:{folder}", "--method", "wanda",
+                 "--sparsity", "0.5", "--calib", "cifar10:16", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["reference_training_epochs"] is None
+    assert report["sparsity"]["overall"] == pytest.approx(0.5)
+    assert len(report["layers"]) == 18 and report["blocks_done"] == 3
+    assert 0 <= report["pruned"]["accuracy"] <= 1
+    assert "pruned_bn_recalibrated" not in report  # a ViT has no BN to re-estimate

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..data.cache import atomic_write
+from ..machine import describe_machine
 
 ROUND_COLUMNS = [
     "round", "accuracy", "loss", "density", "inference_flops", "training_flops",
@@ -74,7 +75,9 @@ class RunRecorder:
         write_text(self.dir / "metrics.csv", out.getvalue())
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
+        """summary.json, with the machine it ran on (runs differ across CPUs)."""
         path = self.dir / "summary.json"
+        summary = {**summary, "machine": summary.get("machine") or describe_machine()}
         write_text(path, json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2))
         return path
 

@@ -1,7 +1,8 @@
 """A one-shot pruning job: load -> (evaluate dense) -> calibrate + prune -> evaluate -> save.
 
 The same job prunes a Hugging Face causal LM (perplexity on a text spec) and a CIFAR-10 /
-MNIST CNN (``--model cifar10:resnet8[:WIDTH]``: trained briefly first, test accuracy).
+MNIST CNN (``--model cifar10:resnet8[:WIDTH]``: trained briefly first, test accuracy), or a
+Hugging Face ViT/DeiT classifier fine-tuned on CIFAR-10 (``--model cifar10:hf:FOLDER``).
 Everything is validated before the model is loaded. The report (``report.json``) and the
 per-block masks/weights (``blocks/block_XXX.safetensors``) are written as each block
 completes, so a long run can be inspected while it goes and nothing pruned is lost.
@@ -97,7 +98,10 @@ def validate(job: PruneJob) -> tuple[SparsityTarget, Any]:
                          f"group with --opt scope=... (now {cfg.scope!r})")
     is_sequential(job)
     if job.is_cnn():
-        _parse_cnn_model(job.model)
+        if _parse_cnn_model(job.model)[1] == "hf":
+            from ..lm.loading import resolve_model
+
+            resolve_model(job.model.split(":", 2)[2])  # a missing folder fails here
         _parse_cnn_calib(job.calib)
     else:
         from ..lm import parse_spec
@@ -111,6 +115,13 @@ def validate(job: PruneJob) -> tuple[SparsityTarget, Any]:
 
 
 def _parse_cnn_model(spec: str) -> tuple[str, str, int]:
+    """DATASET:MODEL[:WIDTH] -> (dataset, model, width); DATASET:hf:FOLDER_OR_HUB_ID ->
+    (dataset, "hf", 0), a Hugging Face ViT/DeiT classifier fine-tuned on the dataset."""
+    dataset, _, rest = spec.partition(":")
+    if rest.startswith("hf:"):
+        if not rest[3:]:
+            raise ValueError(f"--model {spec!r}: give the folder or hub id after 'hf:'")
+        return dataset, "hf", 0
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise ValueError(f"--model {spec!r}: a CNN is DATASET:MODEL[:WIDTH], e.g. cifar10:resnet8")
@@ -309,6 +320,12 @@ class _CnnTask:
         from ..config import ModelConfig
         from .cnn import reference_cnn
 
+        if self.arch == "hf":  # loaded as given: no reference training
+            from ..models.hf_image import load_image_classifier
+
+            hf = self.job.model.split(":", 2)[2]
+            self.model = load_image_classifier(hf, self.dataset).to(self.device)
+            return
         cfg = ModelConfig(name=self.arch, width=self.width)
         self.model = reference_cnn(cfg, self.dataset, self.job.cnn_epochs, self.job.seed,
                                    device=self.device)
@@ -317,7 +334,7 @@ class _CnnTask:
         return {"calibration": {"dataset": self.dataset, "images": _parse_cnn_calib(self.job.calib),
                                 "split": "train", "seed": self.job.seed},
                 "evaluation": {"dataset": self.dataset, "split": "test", "metric": "top-1"},
-                "reference_training_epochs": self.job.cnn_epochs}
+                "reference_training_epochs": None if self.arch == "hf" else self.job.cnn_epochs}
 
     def needs_calibration(self, job: PruneJob) -> bool:
         return True  # also used to re-estimate BN statistics after pruning
@@ -335,6 +352,9 @@ class _CnnTask:
     def after_prune(self, calib: Any) -> dict[str, Any]:
         from .cnn import accuracy_on_test, recalibrate_bn_
 
+        if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in self.model.modules()):
+            return {}  # e.g. a ViT: nothing to re-estimate, no second accuracy to report
         recalibrate_bn_(self.model, calib, device=self.device)
         return {"pruned_bn_recalibrated": {
             "accuracy": accuracy_on_test(self.model, self.dataset, device=self.device)}}

@@ -102,7 +102,7 @@ class HFStackAdapter(Adapter):
             calls.append(BlockInput(to_device(args, device), to_device(kwargs, device)))
             raise _BlockZeroReached
 
-        model_device = model.get_input_embeddings().weight.device
+        model_device = _input_device(model)
         handle = first.register_forward_pre_hook(catch, with_kwargs=True)
         try:
             for batch in as_batches(calib_inputs):
@@ -145,6 +145,16 @@ class HFStackAdapter(Adapter):
         """Run the model on one batch (input_ids tensor or mapping of kwargs), no KV cache."""
         kwargs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
         return model(**kwargs, use_cache=False)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its token embedding's device, else (a ViT's patch
+    embedding is a module with no ``weight``; a wrapper may have no embeddings at all) its
+    first parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    return weight.device if isinstance(weight, torch.Tensor) else \
+        next(model.parameters()).device
 
 
 _DECODER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h",

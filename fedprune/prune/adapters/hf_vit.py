@@ -5,8 +5,9 @@ is a ViT in transformers). Found by the layers' shape, not the class name, so th
 adapter serves a model wrapped for fedprune's datasets (``fedprune.models.hf_image``).
 
 Token pruning is what this family is here for (token sites from ``hf_tokens``); weight
-pruning goes through the shared stack logic of the BERT-style encoders and is not tested
-for it.
+pruning goes through the shared stack logic of the BERT-style encoders (blocks captured
+from the model's own forward, pixel values or images in), so ``fedprune prune --model
+cifar10:hf:FOLDER --method wanda`` works on it too.
 """
 
 from __future__ import annotations
