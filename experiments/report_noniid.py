@@ -45,8 +45,9 @@ ROUNDS_FILE = "metrics.csv"  # per-round rows (fedprune/fl/recorder.py)
 # Table order = sweep order (reinit needs fedtiny's mask). A suffix ("fedtiny_vgg11")
 # names a variant of the method before it, compared within its own suffix family.
 METHODS = ("dense", "random", "erk", "snip", "synflow", "prunefl", "feddst", "gates",
-           "fedtiny", "fedtinywarm", "progonly", "reinit")  # progonly: FedTiny without BN
-# selection; fedtinywarm: FedTiny selecting after dense warm-up rounds
+           "fedtiny", "fedtinywarm", "fedtinyerr", "progonly", "reinit")  # progonly:
+# FedTiny without BN selection; fedtinywarm: FedTiny selecting after dense warm-up rounds;
+# fedtinyerr: the same, judging candidates on error rate instead of loss
 BASELINES = ("random", "erk", "snip", "synflow", "prunefl", "feddst", "gates")
 REF_CELL = ("0.5", 0.05)  # acc_vs_round.png: alpha 0.5, density 0.05
 CSV_COLUMNS = ["method", "alpha", "density", "seed", "final_accuracy", "best_accuracy",
@@ -563,6 +564,10 @@ def selection_lines(rows: list[dict[str, Any]]) -> list[str]:
                 + (f" after round {sel['after_round']}" if sel.get("after_round") else ""))
         if losses:
             text += f"; pooled losses span {max(losses) - min(losses):.4f} nats"
+        errors = sel.get("weighted_errors") or []
+        if sel.get("select_on") == "error" and errors:
+            text += (f"; chosen on error ({100 * min(errors):.1f}-{100 * max(errors):.1f}%, "
+                     "margin in error rate)")
         margin = sel.get("margin")
         if margin and margin.get("rival") is not None and names:
             verdict = "confident" if margin.get("confident") else "not confident"

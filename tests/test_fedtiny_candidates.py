@@ -48,3 +48,5 @@ def test_warmup_settings_are_checked():
                                 "method.warmup_rounds=15", "fed.rounds=15"])
     with pytest.raises(ConfigError, match="method.warmup_mask"):
         load_config("default", ["method.name=fedtiny", "method.warmup_mask=sparse"])
+    with pytest.raises(ConfigError, match="method.select_on"):
+        load_config("default", ["method.name=fedtiny", "method.select_on=accuracy"])

@@ -132,3 +132,29 @@ def test_bn_selection_margin_over_clients_and_the_unsure_fallback(data_root, pla
         assert 0 < margin["margin"] < 0.2 and margin["low"] < 0 < margin["high"]
     assert record["chosen"] == chosen
     assert ("fallback" in record) == (unsure == "init" and not confident)
+
+
+@pytest.mark.parametrize("select_on,chosen", [("loss", "uniform"), ("error", "erk")])
+def test_bn_selection_on_error_picks_the_most_accurate_candidate(data_root, caplog, select_on,
+                                                                 chosen):
+    """uniform has the lowest loss (near ln 10: it predicts nothing) but the highest error;
+    erk is the most accurate by 0.1 on every client. An error above 1 is rejected."""
+    losses = [2.30, 2.40, 2.50]
+    errors = [0.90, 0.70, 0.80]
+
+    def tamper(kind, pid, metrics, arrays):
+        if kind == "candidate_loss":
+            metrics["losses"] = losses
+            metrics["errors"] = [1.5, 0.0, 0.0] if pid == 3 else errors
+    with caplog.at_level(logging.WARNING):
+        _, record = _run(["method.name=fedtiny", "method.candidates=3",
+                          f"method.select_on={select_on}"], tamper)
+    assert "errors[0]" in caplog.text and "above the maximum 1.0" in caplog.text
+    assert record["clients_losses"] == 3 and record["select_on"] == select_on
+    assert record["weighted_errors"] == pytest.approx(errors)
+    assert record["client_errors"] == [errors] * 3
+    assert record["chosen"] == chosen
+    margin = record["margin"]  # over the runner-up by the signal chosen on
+    assert margin["margin"] == pytest.approx(0.1) and margin["confident"]
+    assert record["candidates"][margin["rival"]] == ("erk" if select_on == "loss"
+                                                     else "global_magnitude")

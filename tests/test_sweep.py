@@ -62,6 +62,9 @@ def test_config_loads_and_defines_its_method(path):
     elif row == "fedtinywarm":  # issue 14: selection after dense warm-up, many candidates
         assert (m.name, m.candidates, m.warmup_rounds, m.warmup_mask) == (
             "fedtiny", 16, 3, "dense")
+    elif row == "fedtinyerr":  # the same, judged on error rate (issue 14, part 2)
+        assert (m.name, m.candidates, m.warmup_rounds, m.select_on) == (
+            "fedtiny", 16, 3, "error")
     elif row == "progonly":  # ablation: progressive pruning from ERK, no BN selection
         assert (m.name, m.candidates, m.delta_r, m.init) == ("fedtiny", 0, 1, "erk")
     elif row == "reinit":
@@ -318,6 +321,10 @@ def test_report_lists_each_bn_selection_with_its_margin(tools):
         "- fedtinywarm-a0.5-d0.01-s1: chose erk of 3 after round 3; pooled losses span "
         "0.0600 nats; margin over uniform +0.0500 [-0.0100, +0.1100] over 10 clients "
         "(not confident)"]
+    on_error = dict(rows[0], selection=dict(sel, select_on="error",
+                                            weighted_errors=[0.9, 0.7, 0.85]))
+    assert "; chosen on error (70.0-90.0%, margin in error rate); margin over uniform" in \
+        report.selection_lines([on_error])[0]
 
 
 def test_report_uses_sweep_record_for_command_machine_and_grid(tools, tmp_path):

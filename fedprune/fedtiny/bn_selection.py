@@ -4,8 +4,9 @@ Round A: each client runs every candidate in train mode over its local data and 
 per candidate and BN layer, the exact input statistics with their count (nothing else).
 The server pools them (``bn_stats.pool_bn_stats``) into each candidate's BN buffers.
 Round B: each client evaluates every candidate, with its pooled BN, on its local data and
-returns the mean loss and its example count; the server keeps the candidate with the
-lowest example-weighted loss (``candidates.select_candidate``).
+returns the mean loss, the error rate and its example count; the server keeps the
+candidate with the lowest example-weighted loss, or error with ``method.select_on: error``
+(``candidates.select_candidate``).
 
 Payload keys: ``"<k>/<wire key>"`` for candidate k's model (``masks.wire.encode_down``);
 statistics ``"<k>/<bn>/mean|var|count"``. The server checks replies against the spec in
@@ -68,12 +69,14 @@ def client_bn_stats(cfg: ExperimentConfig, partition_id: int, payload: dict[str,
 
 
 def client_candidate_losses(cfg: ExperimentConfig, partition_id: int,
-                            payload: dict[str, np.ndarray]) -> tuple[list[float], int]:
-    """Round B on a client: mean loss of every candidate (with pooled BN) on local data."""
+                            payload: dict[str, np.ndarray]
+                            ) -> tuple[list[float], list[float], int]:
+    """Round B on a client: mean loss and error rate (1 - top-1 accuracy) of every
+    candidate (with pooled BN) on local data, and the example count."""
     data, batches = _local_batches(cfg, partition_id)
     device = select_device(cfg.run.device)
-    return ([evaluate(m, batches, device)["loss"] for m in _unpack_candidates(cfg, payload)],
-            len(data))
+    scores = [evaluate(m, batches, device) for m in _unpack_candidates(cfg, payload)]
+    return [s["loss"] for s in scores], [1.0 - s["accuracy"] for s in scores], len(data)
 
 
 def with_pooled_bn(cfg: ExperimentConfig, state: dict[str, np.ndarray],

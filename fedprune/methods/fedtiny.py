@@ -6,7 +6,8 @@ The server builds ``candidates`` masks at the target density from the initial mo
 in train mode on its own data and returns, per BN layer, the exact per-channel input mean
 and variance with their count; the server pools them exactly into each candidate's BN
 buffers. Round B (``candidate_loss``): each client evaluates every candidate with the
-pooled BN and returns its losses and example count; the lowest example-weighted loss wins.
+pooled BN and returns its losses, error rates and example count; the lowest
+example-weighted loss wins (``select_on: error``: the lowest error).
 With ``candidates`` = 0 the run starts from the ``init`` mask instead ("progonly").
 
 Progressive pruning (Sec. IV-B; ``delta_r`` > 0): every ``delta_r`` rounds before ``r_end``
@@ -51,6 +52,11 @@ class FedTinyConfig(MethodConfig):
     # 95% interval over clients contains zero): "pick" it anyway, or fall back to the
     # ``init`` allocation ("init") when that is among the candidates
     unsure: str = "pick"
+    # What the candidates are judged on: the paper's "loss", or "error" (1 - accuracy).
+    # The loss can prefer a candidate that predicts nothing: when no candidate beats
+    # chance, near-uniform outputs score about ln(classes), less than confident wrong
+    # ones (at 1% density and alpha 0.1 every warm-up selection chose "uniform" so).
+    select_on: str = "loss"
     init: str = "erk"  # the starting mask when candidates = 0
     # Progressive pruning: every delta_r rounds before r_end, K = alpha_t * active moves.
     delta_r: int = 0  # 0 = off
@@ -66,6 +72,7 @@ class FedTinyConfig(MethodConfig):
         check_value("method.candidates", self.candidates >= 0, "must be >= 0", self.candidates)
         check_value("method.spread", self.spread >= 1.0, "must be >= 1", self.spread)
         check_choice("method.unsure", self.unsure, ("pick", "init"))
+        check_choice("method.select_on", self.select_on, ("loss", "error"))
         check_value("method.warmup_rounds", self.warmup_rounds >= 0, "must be >= 0",
                     self.warmup_rounds)
         check_choice("method.warmup_mask", self.warmup_mask, ("dense", "init"))
@@ -102,8 +109,8 @@ class FedTinyClient(ClientMethod):
             arrays, n = client_bn_stats(self.cfg, partition_id, payload)
             return arrays, {"num-examples": n}
         if kind == "candidate_loss":
-            losses, n = client_candidate_losses(self.cfg, partition_id, payload)
-            return {}, {"losses": losses, "num-examples": n}
+            losses, errors, n = client_candidate_losses(self.cfg, partition_id, payload)
+            return {}, {"losses": losses, "errors": errors, "num-examples": n}
         return super().answer(kind, partition_id, payload, config)
 
 
@@ -203,20 +210,27 @@ class FedTiny(Method):
         per_candidate = [[r.records["arrays"][k] for r in replies] for k in range(count)]
         pooled = [with_pooled_bn(cfg, s, p) for s, p in zip(states, per_candidate)]
         replies = yield Query("candidate_loss", pack_candidates(pooled, masks), ReplySpec(
-            metrics={"losses": Metric("floats", low=0.0, length=count)}))
+            metrics={"losses": Metric("floats", low=0.0, length=count),
+                     "errors": Metric("floats", low=0.0, high=1.0, length=count)}))
         losses = [r.metrics["losses"] for r in replies]
+        errors = [r.metrics["errors"] for r in replies]
         counts = [r.examples for r in replies]
-        best = select_candidate(losses, counts)
-        weighted = weighted_losses(losses, counts)
+        # both signals are lower-is-better, so one selection and one margin serve either
+        scores = errors if self.options.select_on == "error" else losses
+        best = select_candidate(scores, counts)
+        weighted = weighted_losses(scores, counts)
         record = {"candidates": [name for name, _ in candidates],
-                  "weighted_losses": weighted, "clients_stats": len(per_candidate[0]),
-                  "clients_losses": len(losses),
+                  "select_on": self.options.select_on,
+                  "weighted_losses": weighted_losses(losses, counts),
+                  "weighted_errors": weighted_losses(errors, counts),
+                  "clients_stats": len(per_candidate[0]), "clients_losses": len(losses),
                   # kept so a study can re-judge the choice later (e.g. another margin)
                   "client_losses": [list(map(float, row)) for row in losses],
+                  "client_errors": [list(map(float, row)) for row in errors],
                   "client_examples": [int(c) for c in counts]}
-        if count > 1:  # the runner-up, by the same weighted loss
+        if count > 1:  # the runner-up, by the same weighted signal
             rival = min((k for k in range(count) if k != best), key=lambda k: weighted[k])
-            record["margin"] = selection_margin(losses, best, rival, counts)
+            record["margin"] = selection_margin(scores, best, rival, counts)
             if self.options.unsure == "init" and not record["margin"]["confident"]:
                 # a choice the clients cannot tell from the runner-up is noise: keep the
                 # allocation rule the run would start from without selection
