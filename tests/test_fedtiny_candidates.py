@@ -34,6 +34,10 @@ def test_planted_best_candidate_is_selected():
     assert select_candidate([[0.0, 1.0], [2.0, 1.0]], [9, 1]) == 0
     with pytest.raises(ValueError, match="different numbers"):
         select_candidate([[1.0], [1.0, 2.0]], [1, 1])
+    # equal error rates: the tie-break (the weighted loss) decides, not the order
+    errors = [[0.9, 0.8, 0.8], [0.9, 0.8, 0.8]]
+    assert select_candidate(errors, [1, 1]) == 1
+    assert select_candidate(errors, [1, 1], tie_break=[2.3, 2.5, 2.4]) == 2
 
 
 def test_warmup_settings_are_checked():

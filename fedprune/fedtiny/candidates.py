@@ -48,10 +48,13 @@ def build_candidates(model: nn.Module, density: float, count: int, seed: int = 0
     return out
 
 
-def select_candidate(losses: list[list[float]], counts: list[int]) -> int:
-    """Index of the candidate with the lowest example-weighted loss over clients.
+def select_candidate(losses: list[list[float]], counts: list[int],
+                     tie_break: Sequence[float] | None = None) -> int:
+    """Index of the candidate with the lowest example-weighted loss over clients; equal
+    ones are told apart by ``tie_break`` (lower wins), then by index.
 
-    ``losses[c][k]``: client c's mean loss of candidate k; ``counts[c]``: its examples.
+    ``losses[c][k]``: client c's mean loss (or error) of candidate k; ``counts[c]``: its
+    examples.
     """
     if not losses or len(losses) != len(counts):
         raise ValueError(f"{len(losses)} loss lists for {len(counts)} client counts")
@@ -59,7 +62,8 @@ def select_candidate(losses: list[list[float]], counts: list[int]) -> int:
     if len(width) != 1:
         raise ValueError(f"clients reported losses for different numbers of candidates {width}")
     weighted = weighted_losses(losses, counts)
-    return min(range(len(weighted)), key=lambda k: (weighted[k], k))
+    second = tie_break if tie_break is not None else [0.0] * len(weighted)
+    return min(range(len(weighted)), key=lambda k: (weighted[k], second[k], k))
 
 
 def weighted_losses(losses: list[list[float]], counts: Sequence[int]) -> list[float]:

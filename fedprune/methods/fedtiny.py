@@ -215,9 +215,13 @@ class FedTiny(Method):
         losses = [r.metrics["losses"] for r in replies]
         errors = [r.metrics["errors"] for r in replies]
         counts = [r.examples for r in replies]
-        # both signals are lower-is-better, so one selection and one margin serve either
-        scores = errors if self.options.select_on == "error" else losses
-        best = select_candidate(scores, counts)
+        # both signals are lower-is-better, so one selection and one margin serve either;
+        # equal error rates (likely near chance, where many candidates predict one class)
+        # are told apart by loss, not by candidate order
+        on_error = self.options.select_on == "error"
+        scores = errors if on_error else losses
+        best = select_candidate(scores, counts,
+                                weighted_losses(losses, counts) if on_error else None)
         weighted = weighted_losses(scores, counts)
         record = {"candidates": [name for name, _ in candidates],
                   "select_on": self.options.select_on,

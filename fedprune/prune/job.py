@@ -101,7 +101,7 @@ def validate(job: PruneJob) -> tuple[SparsityTarget, Any]:
         if _parse_cnn_model(job.model)[1] == "hf":
             from ..lm.loading import resolve_model
 
-            resolve_model(job.model.split(":", 2)[2])  # a missing folder fails here
+            resolve_model(_hf_source(job.model))  # a missing folder fails here
         _parse_cnn_calib(job.calib)
     else:
         from ..lm import parse_spec
@@ -131,6 +131,11 @@ def _parse_cnn_model(spec: str) -> tuple[str, str, int]:
         raise ValueError(f"--model {spec!r}: model {parts[1]!r} is not one of {list(MODELS)}")
     width = int(parts[2]) if len(parts) == 3 else 16
     return parts[0], parts[1], width
+
+
+def _hf_source(spec: str) -> str:
+    """The folder or hub id of DATASET:hf:FOLDER_OR_HUB_ID."""
+    return spec.split(":", 2)[2]
 
 
 def _parse_cnn_calib(spec: str) -> int:
@@ -323,8 +328,8 @@ class _CnnTask:
         if self.arch == "hf":  # loaded as given: no reference training
             from ..models.hf_image import load_image_classifier
 
-            hf = self.job.model.split(":", 2)[2]
-            self.model = load_image_classifier(hf, self.dataset).to(self.device)
+            self.model = load_image_classifier(_hf_source(self.job.model),
+                                               self.dataset).to(self.device)
             return
         cfg = ModelConfig(name=self.arch, width=self.width)
         self.model = reference_cnn(cfg, self.dataset, self.job.cnn_epochs, self.job.seed,
