@@ -329,6 +329,36 @@ def seed_table(grid: Grid, alpha: str, density: float) -> list[str]:
     return lines + [""]
 
 
+# The questions the study asks of FedTiny's parts, as (method, minus which), paired over
+# seeds: does the budget separate dense from random masks; does FedTiny beat its own
+# starting allocation; what BN selection costs (progonly = FedTiny without it); what the
+# warm-up and the error signal change; whether the mask or its weights matter (reinit).
+ABLATIONS = (("dense", "random"), ("fedtiny", "erk"), ("progonly", "fedtiny"),
+             ("progonly", "erk"), ("fedtinywarm", "fedtiny"), ("fedtinywarm", "erk"),
+             ("fedtinyerr", "fedtinywarm"), ("fedtinyerr", "erk"), ("reinit", "fedtiny"))
+
+
+def ablation_table(grid: Grid) -> list[str]:
+    """Paired differences of ABLATIONS in every (alpha, density) cell where both ran more
+    than one common seed; empty when none did."""
+    cells = [(a, d) for a in grid.alphas for d in grid.densities]
+    rows = []
+    for method, other in ABLATIONS:
+        parts = []
+        for alpha, density in cells:
+            mine, theirs = grid.accs(method, alpha, density), grid.accs(other, alpha, density)
+            common = set(mine) & set(theirs)
+            parts.append(_pp_interval(paired_difference(mine, theirs)).replace(" pp", "")
+                         if len(common) > 1 else DASH)
+        if any(p != DASH for p in parts):
+            rows.append(f"| {method} − {other} | " + " | ".join(parts) + " |")
+    if not rows:
+        return []
+    head = " | ".join(f"alpha {a}, {d:g}" for a, d in cells)
+    return ["## Ablations: paired differences in points (95% t interval over seeds)", "",
+            f"| comparison | {head} |", "|---" * (len(cells) + 1) + "|", *rows, ""]
+
+
 def gap_lines(grid: Grid, alpha: str) -> list[str]:
     """FedTiny vs best baseline and dense, reinit vs FedTiny, per density column."""
     out = []
@@ -619,6 +649,7 @@ def markdown(grid: Grid, rows: list[dict[str, Any]], unfinished: list[dict[str, 
         lines += [f"## {alpha_title(alpha)}", ""] + accuracy_table(grid, alpha) + [""]
         for density in grid.densities:
             lines += seed_table(grid, alpha, density)
+    lines += ablation_table(grid)
     ref_alpha = REF_CELL[0] if REF_CELL[0] in grid.alphas else (grid.alphas or [""])[0]
     if ref_alpha:
         lines += [f"## Cost at {alpha_title(ref_alpha)}: achieved density / inference FLOPs "

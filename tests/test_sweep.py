@@ -305,6 +305,11 @@ def test_report_pairs_methods_over_seeds(tools, tmp_path):
     # fedtiny 42.0, 52.1, 47.2: sd sqrt((5.1^2 + 5.0^2 + 0.1^2) / 2) = 5.0507 -> 12.55
     assert "| fedtiny | 42.00 | 52.10 | 47.20 | 47.10 ± 12.55 | +2.10 pp [+1.85, +2.35] (n=3) |" \
         in table
+    # the ablations: fedtiny - erk over the common seeds (only comparisons both ran)
+    ablations = md.split("## Ablations")[1].split("\n## ")[0]
+    assert "| comparison | alpha 0.5, 0.05 |" in ablations
+    assert "| fedtiny − erk | +2.10 [+1.85, +2.35] (n=3) |" in ablations
+    assert "progonly" not in ablations and "dense" not in ablations
 
 
 def test_report_lists_each_bn_selection_with_its_margin(tools):
