@@ -614,11 +614,9 @@ def machine_lines(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> list[str
     by: dict[str, list[str]] = {}
     for r in sorted(rows, key=lambda r: r["run"]):
         by.setdefault(r.get("machine") or "", []).append(r["run"])
-    if not by:
-        by[""] = []
-    if list(by) != [""] and len(by) == 1:
+    if len(by) == 1 and "" not in by:
         return [f"Machine: {next(iter(by))} (every run)"]
-    if list(by) == [""]:
+    if set(by) <= {""}:  # no run recorded one (or no runs)
         # older sweeps kept one machine for the whole sweep, the latest invocation's
         latest = sweep.get("machine") or next(
             (inv["machine"] for inv in reversed(sweep.get("invocations", []))

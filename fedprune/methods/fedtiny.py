@@ -219,14 +219,12 @@ class FedTiny(Method):
         # equal error rates (likely near chance, where many candidates predict one class)
         # are told apart by loss, not by candidate order
         on_error = self.options.select_on == "error"
-        scores = errors if on_error else losses
-        best = select_candidate(scores, counts,
-                                weighted_losses(losses, counts) if on_error else None)
-        weighted = weighted_losses(scores, counts)
+        by_loss, by_error = weighted_losses(losses, counts), weighted_losses(errors, counts)
+        scores, weighted = (errors, by_error) if on_error else (losses, by_loss)
+        best = select_candidate(scores, counts, by_loss if on_error else None)
         record = {"candidates": [name for name, _ in candidates],
                   "select_on": self.options.select_on,
-                  "weighted_losses": weighted_losses(losses, counts),
-                  "weighted_errors": weighted_losses(errors, counts),
+                  "weighted_losses": by_loss, "weighted_errors": by_error,
                   "clients_stats": len(per_candidate[0]), "clients_losses": len(losses),
                   # kept so a study can re-judge the choice later (e.g. another margin)
                   "client_losses": [list(map(float, row)) for row in losses],

@@ -96,11 +96,12 @@ def accuracy_on_test(model: nn.Module, dataset: str, root: str = "", cache_dir: 
 
 @torch.no_grad()
 def recalibrate_bn_(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                    device: torch.device | str = "cpu") -> None:
-    """Re-estimate every BatchNorm's running mean/var on ``images`` (cumulative average)."""
+                    device: torch.device | str = "cpu") -> bool:
+    """Re-estimate every BatchNorm's running mean/var on ``images`` (cumulative average);
+    False when the model has no BatchNorm (nothing done)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
-        return
+        return False
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -111,3 +112,4 @@ def recalibrate_bn_(model: nn.Module, images: torch.Tensor, batch_size: int = 25
     model.eval()
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
+    return True
