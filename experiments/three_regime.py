@@ -9,6 +9,10 @@ centrally, then with a federated knob on the temperature axis.
     # train.local_epochs / data.num_clients), dense FedAvg then federated retraining
     FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
         --federated data.alpha --values 0.1 1.0 iid --out experiments/results/three_regime_fed
+    # local epochs as a temperature of dense FedAvg only; retraining keeps 1 local epoch
+    FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
+        --federated train.local_epochs --values 1 2 4 --knob-in dense \
+        --densities 0.02 0.05 0.1 0.4 --out experiments/results/three_regime_fed_epochs
     .venv/bin/python experiments/three_regime.py --out ... --table   # table + phase diagram
 
 Protocol, scaled down from the reference code (github.com/YefanZhou/ThreeRegimePruning:
@@ -31,7 +35,8 @@ retrained models).
 Federated cells run ``fedprune run`` (the ``dense`` row config of the non-IID study, 10
 clients, 12 rounds of 1 local epoch unless ``--set`` says otherwise): dense FedAvg at each
 knob value, then retraining from its final weights under ``method.init=uniform`` with the
-classifier excluded, one run per seed (``run.seed``: client data order; same partition). The
+classifier excluded, one run per seed (``run.seed``: client data order; same partition),
+under the knob too unless ``--knob-in dense`` keeps it to the dense run. The
 probes read the federation's pooled training images (the first ``--probe-images`` of its
 training pool): a study-only view that no deployed server has.
 
@@ -237,10 +242,13 @@ def fed_cell(args, out: Path, value: str, density: float) -> list:
     knob = knob_overrides(args.federated, value)
     tag = f"{args.federated.split('.')[-1]}{value}"
     dense = fed_run(args, out, f"dense-{tag}", [*knob, "method.init=dense"])
+    # "dense": the knob is a temperature of dense training only (the paper's reading);
+    # every retraining then runs the same schedule, so cells differ only by their start
+    retrain_knob = knob if args.knob_in == "both" else []
     models = []
     for seed in args.seeds:
         final = fed_run(args, out, f"retrain-{tag}-d{density:g}-s{seed}",
-                        [*knob, "method.init=uniform", f"mask.density={density}",
+                        [*retrain_knob, "method.init=uniform", f"mask.density={density}",
                          f"mask.exclude=[{','.join(EXCLUDE)}]", f"model.init_file={dense}",
                          f"run.seed={seed}"])
         models.append(load_model(final).eval())
@@ -313,6 +321,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="config key of the federated knob (e.g. data.alpha, "
                         "train.local_epochs, data.num_clients); empty: central")
     p.add_argument("--values", nargs="+", default=[], help="the knob's values")
+    p.add_argument("--knob-in", choices=["both", "dense"], default="both",
+                   help="runs the knob applies to: dense training and retraining (e.g. "
+                        "the federation's data, data.alpha), or dense training only (a "
+                        "training temperature such as train.local_epochs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of every federated run (repeatable)")
     p.add_argument("--table", action="store_true", help="write the table and diagram only")

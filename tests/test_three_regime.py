@@ -69,6 +69,32 @@ def test_bad_arguments_are_named(scripts):
     assert tr.knob_overrides("train.local_epochs", "3") == ["train.local_epochs=3"]
 
 
+@pytest.mark.parametrize("knob_in, retrain_has_knob", [("both", True), ("dense", False)])
+def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
+                                                 knob_in, retrain_has_knob):
+    # a training temperature (local epochs) must not leak into the retraining when the
+    # study says it is a knob of dense training only; a data knob (alpha) goes to both
+    tr, _ = scripts
+    calls = {}
+
+    def fake_run(args, out, name, overrides):
+        calls[name] = overrides
+        return tmp_path / name
+    monkeypatch.setattr(tr, "fed_run", fake_run)
+    monkeypatch.setattr(tr, "load_model", lambda path: torch.nn.Identity())
+    args = tr.parse_args(["--federated", "train.local_epochs", "--values", "4",
+                          "--knob-in", knob_in])
+    assert len(tr.fed_cell(args, tmp_path, "4", 0.05)) == 2
+    assert calls["dense-local_epochs4"] == ["train.local_epochs=4", "method.init=dense"]
+    for seed in (1, 2):
+        retrain = calls[f"retrain-local_epochs4-d0.05-s{seed}"]
+        assert ("train.local_epochs=4" in retrain) is retrain_has_knob
+        assert f"model.init_file={tmp_path / 'dense-local_epochs4'}" in retrain
+        assert f"run.seed={seed}" in retrain and "mask.density=0.05" in retrain
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--federated", "data.alpha", "--values", "1", "--knob-in", "x"])
+
+
 @pytest.mark.slow
 def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypatch):
     tr, rep = scripts
