@@ -20,6 +20,15 @@ from pathlib import Path
 import numpy as np
 
 BARRIER_TOL = 0.05  # training error (fraction): 5 points above the ends' mean
+# sweep options that shape only one kind of grid (the other kind never reads them)
+CENTRAL_ONLY = ("dense_epochs", "temps", "retrain_epochs", "lr")
+FEDERATED_ONLY = ("values", "knob_in", "set")
+
+
+def applicable(settings: dict) -> dict:
+    """The settings a central or a federated grid (``settings["federated"]``) reads."""
+    skip = CENTRAL_ONLY if settings.get("federated") else FEDERATED_ONLY
+    return {k: v for k, v in settings.items() if k not in skip}
 
 
 def load(out: Path) -> list[dict]:
@@ -119,7 +128,7 @@ def write_report(out: Path) -> Path:
     info = json.loads(setup.read_text()) if setup.exists() else {}
     lines = ["# Three-regime study: test accuracy (%) / mc / CKA / regime", ""]
     lines += [f"Command: `{i['command']}`" for i in info.get("invocations", [])]
-    lines += ["", f"Settings: {json.dumps(info.get('settings', {}))}",
+    lines += ["", f"Settings: {json.dumps(applicable(info.get('settings', {})))}",
               f"Machine: {info.get('machine', '?')}", "",
               f"Regimes: I where -mc > {BARRIER_TOL} (training error); otherwise II-B where "
               "CKA >= the median CKA of the well-connected cells, else II-A.", ""]

@@ -58,6 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from report_three_regime import applicable, write_report
+
 REPO = Path(__file__).resolve().parent.parent
 EXCLUDE = ["fc.weight"]  # the reference prunes every conv, not the classifier
 FED_CONFIG = REPO / "experiments" / "configs" / "noniid" / "dense.yaml"
@@ -292,9 +294,29 @@ def run_cells(args, out: Path) -> None:
               flush=True)
 
 
+# Options a later invocation may change to extend a grid; every other option decides
+# what a finished run or row means, so reusing them under another value would mix grids.
+EXTENDABLE = ("out", "table", "temps", "values", "densities", "seeds")
+
+
+def check_same_grid(old: dict, args, defaults: dict) -> None:
+    """Refuse to resume ``out`` under settings that would reuse runs made differently."""
+    for key, default in applicable({**defaults, "federated": args.federated}).items():
+        if key in EXTENDABLE:
+            continue
+        # settings written before an option existed ran with its default
+        then, now = old.get(key, default), getattr(args, key)
+        if then != now:
+            raise SystemExit(f"[three-regime] --{key.replace('_', '-')}={now!r}, but the runs "
+                             f"in this --out were made with {then!r}; finished runs and rows "
+                             f"would be reused under the wrong setting: pass another --out")
+
+
 def record(args, out: Path, argv: list[str]) -> None:
     path = out / "setup.json"
     info = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    if "settings" in info:
+        check_same_grid(info["settings"], args, vars(parse_args([])))
     info["invocations"].append({"command": "experiments/three_regime.py " + " ".join(argv),
                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     info["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
@@ -343,8 +365,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from report_three_regime import write_report
-
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     out = Path(args.out)

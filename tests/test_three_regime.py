@@ -95,6 +95,31 @@ def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
         tr.parse_args(["--federated", "data.alpha", "--values", "1", "--knob-in", "x"])
 
 
+def test_resuming_under_another_setting_is_refused(scripts, tmp_path):
+    # retrain run names do not carry --knob-in or --retrain-epochs, so resuming an --out
+    # under another value would silently reuse the other grid's runs
+    tr, _ = scripts
+    base = ["--federated", "train.local_epochs", "--values", "1", "--out", str(tmp_path)]
+    tr.record(tr.parse_args(base + ["--knob-in", "dense"]), tmp_path, base)
+    # extending the grid (more values, densities, seeds) is what resuming is for
+    more = base + ["--knob-in", "dense", "--values", "1", "2", "--seeds", "1", "2", "3"]
+    tr.record(tr.parse_args(more), tmp_path, more)
+    assert len(json.loads((tmp_path / "setup.json").read_text())["invocations"]) == 2
+    with pytest.raises(SystemExit, match="--knob-in='both'.*'dense'"):
+        tr.record(tr.parse_args(base), tmp_path, base)
+    with pytest.raises(SystemExit, match="--probe-images=500"):
+        bad = base + ["--knob-in", "dense", "--probe-images", "500"]
+        tr.record(tr.parse_args(bad), tmp_path, bad)
+    # a central-only option never reaches a federated run: no reason to refuse
+    lr = base + ["--knob-in", "dense", "--lr", "0.1"]
+    tr.record(tr.parse_args(lr), tmp_path, lr)
+    # setup.json written before --knob-in existed: those runs used its default, "both"
+    info = json.loads((tmp_path / "setup.json").read_text())
+    del info["settings"]["knob_in"]
+    (tmp_path / "setup.json").write_text(json.dumps(info))
+    tr.record(tr.parse_args(base), tmp_path, base)
+
+
 @pytest.mark.slow
 def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypatch):
     tr, rep = scripts
