@@ -22,7 +22,7 @@ import numpy as np
 BARRIER_TOL = 0.05  # training error (fraction): 5 points above the ends' mean
 # sweep options that shape only one kind of grid (the other kind never reads them)
 CENTRAL_ONLY = ("dense_epochs", "temps", "retrain_epochs", "lr")
-FEDERATED_ONLY = ("values", "knob_in", "set")
+FEDERATED_ONLY = ("values", "knob_in", "pair", "set")
 
 
 def applicable(settings: dict) -> dict:

@@ -13,6 +13,11 @@ centrally, then with a federated knob on the temperature axis.
     FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
         --federated train.local_epochs --values 1 2 4 --knob-in dense \
         --densities 0.02 0.05 0.1 0.4 --out experiments/results/three_regime_fed_epochs
+    # ... with local steps held fixed: rounds x local epochs = 12 in every row
+    FEDPRUNE_DATA_ROOT=../shared/data .venv/bin/python experiments/three_regime.py \
+        --federated train.local_epochs --values 1 2 4 --pair fed.rounds=12,6,3 \
+        --knob-in dense --densities 0.02 0.05 0.1 0.4 \
+        --out experiments/results/three_regime_fed_steps
     .venv/bin/python experiments/three_regime.py --out ... --table   # table + phase diagram
 
 Protocol, scaled down from the reference code (github.com/YefanZhou/ThreeRegimePruning:
@@ -240,9 +245,24 @@ def knob_overrides(knob: str, value: str) -> list[str]:
     return [f"{knob}={value}"]
 
 
+def paired(args, value: str) -> list[str]:
+    """The ``--pair`` override that goes with a knob value (none without ``--pair``)."""
+    if not args.pair:
+        return []
+    key, values = args.pair
+    return [f"{key}={values[args.values.index(value)]}"]
+
+
+def row_label(args, value) -> str:
+    """A row's name in rows.jsonl and the table: the knob value, and its pair if any."""
+    return ", ".join([str(value), *paired(args, str(value))])
+
+
 def fed_cell(args, out: Path, value: str, density: float) -> list:
-    knob = knob_overrides(args.federated, value)
-    tag = f"{args.federated.split('.')[-1]}{value}"
+    knob = knob_overrides(args.federated, value) + paired(args, value)
+    # run names carry every varied value, so grids with and without a pair never share runs
+    tag = "-".join(k.split("=")[0].split(".")[-1] + k.split("=")[1]
+                   for k in [f"{args.federated}={value}", *paired(args, value)])
     dense = fed_run(args, out, f"dense-{tag}", [*knob, "method.init=dense"])
     # "dense": the knob is a temperature of dense training only (the paper's reading);
     # every retraining then runs the same schedule, so cells differ only by their start
@@ -278,13 +298,14 @@ def run_cells(args, out: Path) -> None:
     values = args.values if args.federated else args.temps
     dense = None if args.federated else central_dense(args, out, train)
     for value, density in itertools.product(values, args.densities):
-        key = cell_key(axis, value, density)
+        label = row_label(args, value) if args.federated else str(value)
+        key = cell_key(axis, label, density)
         if key in done:
             continue
         t0 = time.perf_counter()
         models = (fed_cell(args, out, str(value), density) if args.federated
                   else central_cell(args, dense[value], density, train))
-        row = {"cell": key, "axis": axis, "value": str(value), "density": density,
+        row = {"cell": key, "axis": axis, "value": label, "density": density,
                "seeds": args.seeds, **analyze(models, probe, args.points, args.test_subset),
                "seconds": round(time.perf_counter() - t0, 1)}
         with rows_path.open("a") as f:
@@ -296,7 +317,8 @@ def run_cells(args, out: Path) -> None:
 
 # Options a later invocation may change to extend a grid; every other option decides
 # what a finished run or row means, so reusing them under another value would mix grids.
-EXTENDABLE = ("out", "table", "temps", "values", "densities", "seeds")
+# ``pair`` is among them because run names and rows name the paired value too.
+EXTENDABLE = ("out", "table", "temps", "values", "pair", "densities", "seeds")
 
 
 def check_same_grid(old: dict, args, defaults: dict) -> None:
@@ -347,6 +369,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="runs the knob applies to: dense training and retraining (e.g. "
                         "the federation's data, data.alpha), or dense training only (a "
                         "training temperature such as train.local_epochs)")
+    p.add_argument("--pair", default="", metavar="KEY=V1,V2,...",
+                   help="a second config key that changes with the knob, one value per "
+                        "--values entry, in every run the knob reaches (e.g. "
+                        "fed.rounds=12,6,3 with local epochs 1 2 4 holds local steps fixed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of every federated run (repeatable)")
     p.add_argument("--table", action="store_true", help="write the table and diagram only")
@@ -355,6 +381,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--seeds: the probes compare retrained models, so give at least two")
     if args.federated and not args.values:
         p.error("--federated needs --values")
+    if args.pair:
+        key, _, values = args.pair.partition("=")
+        args.pair = (key, values.split(","))
+        if not args.federated or not key or len(args.pair[1]) != len(args.values):
+            p.error(f"--pair {key}={values}: give KEY=V1,V2,... with one value per --values "
+                    f"entry ({len(args.values)}) of a --federated grid")
     if not args.federated and (max(args.temps) > args.dense_epochs or min(args.temps) < 1):
         p.error(f"--temps {args.temps}: each must be in 1..--dense-epochs={args.dense_epochs}")
     if any(not 0 < d <= 1 for d in args.densities):

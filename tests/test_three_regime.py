@@ -95,6 +95,34 @@ def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
         tr.parse_args(["--federated", "data.alpha", "--values", "1", "--knob-in", "x"])
 
 
+def test_pair_changes_with_the_knob_and_names_the_runs(scripts, tmp_path, monkeypatch):
+    # holding local steps fixed: 4 local epochs go with 3 rounds, in the dense run only
+    tr, _ = scripts
+    calls = {}
+
+    def fake_run(args, out, name, overrides):
+        calls[name] = overrides
+        return tmp_path / name
+    monkeypatch.setattr(tr, "fed_run", fake_run)
+    monkeypatch.setattr(tr, "load_model", lambda path: torch.nn.Identity())
+    args = tr.parse_args(["--federated", "train.local_epochs", "--values", "1", "2", "4",
+                          "--pair", "fed.rounds=12,6,3", "--knob-in", "dense"])
+    tr.fed_cell(args, tmp_path, "4", 0.05)
+    assert calls["dense-local_epochs4-rounds3"] == ["train.local_epochs=4", "fed.rounds=3",
+                                                    "method.init=dense"]
+    retrain = calls["retrain-local_epochs4-rounds3-d0.05-s1"]
+    assert not any(o.startswith(("fed.rounds", "train.local_epochs")) for o in retrain)
+    assert tr.row_label(args, "2") == "2, fed.rounds=6"
+    plain = tr.parse_args(["--federated", "data.alpha", "--values", "iid"])
+    assert tr.row_label(plain, "iid") == "iid"
+    for bad in (["--values", "1", "2", "--pair", "fed.rounds=12"],  # one value short
+                ["--values", "1", "--pair", "=12"]):  # no key
+        with pytest.raises(SystemExit):
+            tr.parse_args(["--federated", "train.local_epochs", *bad])
+    with pytest.raises(SystemExit):  # a central grid has no knob to pair with
+        tr.parse_args(["--pair", "fed.rounds=12"])
+
+
 def test_resuming_under_another_setting_is_refused(scripts, tmp_path):
     # retrain run names do not carry --knob-in or --retrain-epochs, so resuming an --out
     # under another value would silently reuse the other grid's runs
