@@ -69,11 +69,9 @@ def test_bad_arguments_are_named(scripts):
     assert tr.knob_overrides("train.local_epochs", "3") == ["train.local_epochs=3"]
 
 
-@pytest.mark.parametrize("knob_in, retrain_has_knob", [("both", True), ("dense", False)])
-def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
-                                                 knob_in, retrain_has_knob):
-    # a training temperature (local epochs) must not leak into the retraining when the
-    # study says it is a knob of dense training only; a data knob (alpha) goes to both
+@pytest.fixture
+def fed_calls(scripts, tmp_path, monkeypatch):
+    """Run name -> overrides of every ``fedprune run`` a federated cell asks for (none runs)."""
     tr, _ = scripts
     calls = {}
 
@@ -82,6 +80,16 @@ def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
         return tmp_path / name
     monkeypatch.setattr(tr, "fed_run", fake_run)
     monkeypatch.setattr(tr, "load_model", lambda path: torch.nn.Identity())
+    return calls
+
+
+@pytest.mark.parametrize("knob_in, retrain_has_knob", [("both", True), ("dense", False)])
+def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, fed_calls,
+                                                 knob_in, retrain_has_knob):
+    # a training temperature (local epochs) must not leak into the retraining when the
+    # study says it is a knob of dense training only; a data knob (alpha) goes to both
+    tr, _ = scripts
+    calls = fed_calls
     args = tr.parse_args(["--federated", "train.local_epochs", "--values", "4",
                           "--knob-in", knob_in])
     assert len(tr.fed_cell(args, tmp_path, "4", 0.05)) == 2
@@ -95,16 +103,10 @@ def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, monkeypatch,
         tr.parse_args(["--federated", "data.alpha", "--values", "1", "--knob-in", "x"])
 
 
-def test_pair_changes_with_the_knob_and_names_the_runs(scripts, tmp_path, monkeypatch):
+def test_pair_changes_with_the_knob_and_names_the_runs(scripts, tmp_path, fed_calls):
     # holding local steps fixed: 4 local epochs go with 3 rounds, in the dense run only
     tr, _ = scripts
-    calls = {}
-
-    def fake_run(args, out, name, overrides):
-        calls[name] = overrides
-        return tmp_path / name
-    monkeypatch.setattr(tr, "fed_run", fake_run)
-    monkeypatch.setattr(tr, "load_model", lambda path: torch.nn.Identity())
+    calls = fed_calls
     args = tr.parse_args(["--federated", "train.local_epochs", "--values", "1", "2", "4",
                           "--pair", "fed.rounds=12,6,3", "--knob-in", "dense"])
     tr.fed_cell(args, tmp_path, "4", 0.05)
