@@ -245,24 +245,25 @@ def knob_overrides(knob: str, value: str) -> list[str]:
     return [f"{knob}={value}"]
 
 
-def paired(args, value: str) -> list[str]:
-    """The ``--pair`` override that goes with a knob value (none without ``--pair``)."""
-    if not args.pair:
-        return []
-    key, values = args.pair
-    return [f"{key}={values[args.values.index(value)]}"]
+def varied(args, value: str) -> list[tuple[str, str]]:
+    """(config key, value) of everything a row varies: the knob, and its ``--pair`` if any."""
+    pairs = [(args.federated, value)]
+    if args.pair:
+        key, values = args.pair
+        pairs.append((key, values[args.values.index(value)]))
+    return pairs
 
 
 def row_label(args, value) -> str:
     """A row's name in rows.jsonl and the table: the knob value, and its pair if any."""
-    return ", ".join([str(value), *paired(args, str(value))])
+    return ", ".join([str(value), *(f"{k}={v}" for k, v in varied(args, str(value))[1:])])
 
 
 def fed_cell(args, out: Path, value: str, density: float) -> list:
-    knob = knob_overrides(args.federated, value) + paired(args, value)
+    knobs = varied(args, value)
+    knob = knob_overrides(*knobs[0]) + [f"{k}={v}" for k, v in knobs[1:]]
     # run names carry every varied value, so grids with and without a pair never share runs
-    tag = "-".join(k.split("=")[0].split(".")[-1] + k.split("=")[1]
-                   for k in [f"{args.federated}={value}", *paired(args, value)])
+    tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in knobs)
     dense = fed_run(args, out, f"dense-{tag}", [*knob, "method.init=dense"])
     # "dense": the knob is a temperature of dense training only (the paper's reading);
     # every retraining then runs the same schedule, so cells differ only by their start
