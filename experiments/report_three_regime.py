@@ -8,7 +8,8 @@ knob's values as given, in the order the sweep ran them), columns the load (dens
 Regimes (the reference draws its boundaries by hand; these rules are ours and printed with
 the table): I where the training-error barrier of the linear path between retrained
 solutions, ``-mc``, exceeds ``BARRIER_TOL``; among the rest, II-B where the softmax CKA is at
-least the median CKA of the well-connected cells, II-A below it.
+least the median CKA of the well-connected cells, II-A below it. Cells probed along a
+curved path too (``--curve-epochs``) get a second table: linear against curved barriers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def load(out: Path) -> list[dict]:
     path = out / "rows.jsonl"
     if not path.exists():
         raise SystemExit(f"report: no {path}; run experiments/three_regime.py first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # a cell's row is appended again when it gains probes (the curved path): last one wins
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["cell"]] = row
+    return list(rows.values())
 
 
 def axes(rows: list[dict]) -> tuple[str, list[str], list[float]]:
@@ -69,6 +76,25 @@ def table(rows: list[dict], names: dict[str, str]) -> list[str]:
                          f"{100 * np.mean(r['test_accuracy']):.2f} / {r['mc_error']:+.3f} / "
                          f"{r['cka']:.3f} / {names[r['cell']]}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_table(rows: list[dict]) -> list[str]:
+    """Linear against curved connectivity, for the cells that have a curve."""
+    curved = [r for r in rows if "curve_mc_error" in r]
+    if not curved:
+        return []
+    axis, values, densities = axes(rows)
+    order = {v: i for i, v in enumerate(values)}
+    curved.sort(key=lambda r: (r["density"], order[r["value"]]))
+    lines = ["", "Curved path (quadratic Bezier, bend trained on the training images; mc on "
+             "training error, loss barrier in nats):", "",
+             f"| {axis} | density | bend epochs | mc linear | mc curve | loss barrier linear "
+             "| loss barrier curve |", "|---|---|---|---|---|---|---|"]
+    for r in curved:
+        lines.append(f"| {r['value']} | {r['density']:g} | {r['curve_epochs']} | "
+                     f"{r['mc_error']:+.3f} | {r['curve_mc_error']:+.3f} | "
+                     f"{r['loss_barrier']:.3f} | {r['curve_loss_barrier']:.3f} |")
     return lines
 
 
@@ -133,7 +159,8 @@ def write_report(out: Path) -> Path:
               f"Regimes: I where -mc > {BARRIER_TOL} (training error); otherwise II-B where "
               "CKA >= the median CKA of the well-connected cells, else II-A.", ""]
     names = regimes(rows)
-    lines += table(rows, names) + ["", "Best temperature per density:"] + transitions(rows)
+    lines += table(rows, names) + curve_table(rows)
+    lines += ["", "Best temperature per density:"] + transitions(rows)
     plot(rows, names, out / "phase.png")
     lines += ["", "![phase diagram](phase.png)", ""]
     path = out / "results.md"

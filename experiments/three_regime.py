@@ -35,7 +35,13 @@ error and loss; the reference's connectivity ``mc = (E0 + E1)/2 - E(t*)`` with t
 farthest from the ends' mean (negative = a barrier), and the loss barrier of
 ``fedprune.study.landscape``; linear CKA of the softmax outputs (the reference's choice).
 Test accuracy on the CIFAR-10 test split (``--test-subset`` images; mean over the
-retrained models).
+retrained models). With ``--curve-epochs N`` each pair is also joined by a quadratic Bezier
+curve (Garipov et al. 2018) whose bend trains N epochs on the training images
+(``fedprune.study.landscape.fit_bend``), probed the same way: the reference code carries
+Garipov's curve machinery but evaluates only the linear path (``init_linear``, no curve
+training), so the curve is our addition. Central retrained models are kept in
+``<out>/retrained`` (federated ones are the runs' own weights), so curves added to finished
+cells by a rerun need no retraining.
 
 Federated cells run ``fedprune run`` (the ``dense`` row config of the non-IID study, 10
 clients, 12 rounds of 1 local epoch unless ``--set`` says otherwise): dense FedAvg at each
@@ -81,7 +87,9 @@ def fit(model, split, epochs: int, lr: float, seed: int, masks=None, on_epoch=No
 
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2, (3 * epochs) // 4], 0.1)
+    # a milestone at 0 would decay the rate before the first epoch (epochs=1)
+    steps = [m for m in (epochs // 2, (3 * epochs) // 4) if m > 0]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, steps, 0.1)
     for epoch in range(1, epochs + 1):
         model.train()
         for x, y in make_loader(split, "cifar10", 64, shuffle=True, augment=True,
@@ -165,23 +173,51 @@ def mc_error(rows: list[dict]) -> float:
     return ends - far["error"]
 
 
-def probe_pair(a, b, probe, points: int) -> dict:
+def probe_batches(probe):
     from fedprune.data import make_loader
-    from fedprune.study.landscape import barrier, linear_cka, outputs, path_losses
+
+    return make_loader(probe, "cifar10", 256, shuffle=False)
+
+
+def path_probe(a, b, probe, points: int, bend=None, prefix: str = "") -> dict:
+    """Training error and loss along the linear path (or, with ``bend``, the curve)."""
+    from fedprune.study.landscape import barrier, path_losses
     from fedprune.train import evaluate
 
-    def batches():
-        return make_loader(probe, "cifar10", 256, shuffle=False)
-
     def train_metrics(model) -> dict:
-        got = evaluate(model, batches())
+        got = evaluate(model, probe_batches(probe))
         return {"loss": got["loss"], "error": 1 - got["accuracy"]}
 
-    rows = path_losses(a, b, train_metrics, points=points, bn_batches=batches)
-    pa, pb = (F.softmax(outputs(m, batches()), 1) for m in (a, b))
-    return {"mc_error": mc_error(rows), "loss_barrier": barrier(rows),
-            "error_barrier": barrier(rows, "error"), "cka": linear_cka(pa, pb),
-            "path_error": [r["error"] for r in rows]}
+    rows = path_losses(a, b, train_metrics, points=points, bn_batches=lambda: probe_batches(
+        probe), bend=bend)
+    return {f"{prefix}mc_error": mc_error(rows), f"{prefix}loss_barrier": barrier(rows),
+            f"{prefix}error_barrier": barrier(rows, "error"),
+            f"{prefix}path_error": [r["error"] for r in rows]}
+
+
+def probe_pair(a, b, probe, points: int) -> dict:
+    from fedprune.study.landscape import linear_cka, outputs
+
+    pa, pb = (F.softmax(outputs(m, probe_batches(probe)), 1) for m in (a, b))
+    return {**path_probe(a, b, probe, points), "cka": linear_cka(pa, pb)}
+
+
+def curve_pair(a, b, train, probe, points: int, epochs: int, lr: float) -> dict:
+    """The Bezier curve between a pair, its bend trained for ``epochs`` on the training
+    images (augmented, batch 64, as in retraining), probed like the linear path."""
+    from fedprune.data import make_loader
+    from fedprune.study.landscape import fit_bend
+
+    def batches(epoch: int):
+        return make_loader(train, "cifar10", 64, shuffle=True, augment=True,
+                           seed=10 ** 6 + epoch)
+    bend = fit_bend(a, b, batches, epochs, lr)
+    return path_probe(a, b, probe, points, bend=bend, prefix="curve_")
+
+
+def mean_over_pairs(pairs: list[dict]) -> dict:
+    return {k: (np.mean([p[k] for p in pairs], axis=0).tolist() if k.endswith("path_error")
+                else float(np.mean([p[k] for p in pairs]))) for k in pairs[0]}
 
 
 def analyze(models: list, probe, points: int, test_subset: int = 0) -> dict:
@@ -189,12 +225,17 @@ def analyze(models: list, probe, points: int, test_subset: int = 0) -> dict:
     from fedprune.prune.cnn import accuracy_on_test
 
     pairs = [probe_pair(a, b, probe, points) for a, b in itertools.combinations(models, 2)]
-    out = {"test_accuracy": [accuracy_on_test(m, "cifar10", subset=test_subset)
-                             for m in models]}
-    for key in ("mc_error", "loss_barrier", "error_barrier", "cka"):
-        out[key] = float(np.mean([p[key] for p in pairs]))
-    out["path_error"] = np.mean([p["path_error"] for p in pairs], axis=0).tolist()
-    return out
+    return {"test_accuracy": [accuracy_on_test(m, "cifar10", subset=test_subset)
+                              for m in models], **mean_over_pairs(pairs)}
+
+
+def analyze_curves(models: list, train, probe, args) -> dict:
+    """The curved-path probes, averaged over every pair, with the bend's epochs."""
+    t0 = time.perf_counter()
+    pairs = [curve_pair(a, b, train, probe, args.points, args.curve_epochs, args.lr)
+             for a, b in itertools.combinations(models, 2)]
+    return {**mean_over_pairs(pairs), "curve_epochs": args.curve_epochs,
+            "curve_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -216,12 +257,22 @@ def central_dense(args, out: Path, train) -> dict[int, Path]:
     return paths
 
 
-def central_cell(args, checkpoint: Path, density: float, train) -> list:
+def central_cell(args, checkpoint: Path, density: float, train,
+                 keep: Path | None = None) -> list:
+    """The checkpoint pruned to ``density`` and retrained once per seed; with ``keep`` (a
+    folder) each retrained model is saved there and reused, so later probes (the curved
+    path) need not retrain."""
     models = []
     for seed in args.seeds:
+        path = keep / f"{checkpoint.stem}-d{density:g}-s{seed}.safetensors" if keep else None
+        if path is not None and path.exists():
+            models.append(load_model(path).eval())
+            continue
         model = load_model(checkpoint)
         masks = prune(model, density)
         fit(model, train, args.retrain_epochs, args.lr, seed=seed, masks=masks)
+        if path is not None:
+            save_model(model, path)
         models.append(model.eval())
     return models
 
@@ -286,9 +337,9 @@ def cell_key(axis: str, value, density: float) -> str:
 
 
 def read_rows(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    return {r["cell"]: r for r in map(json.loads, path.read_text().splitlines())}
+    from report_three_regime import load
+
+    return {r["cell"]: r for r in load(path.parent)} if path.exists() else {}
 
 
 def run_cells(args, out: Path) -> None:
@@ -301,14 +352,21 @@ def run_cells(args, out: Path) -> None:
     for value, density in itertools.product(values, args.densities):
         label = row_label(args, value) if args.federated else str(value)
         key = cell_key(axis, label, density)
-        if key in done:
+        # rows carry their own curve_epochs, so a later --curve-epochs adds or redoes curves
+        wants_curve = args.curve_epochs and done.get(key, {}).get("curve_epochs") != (
+            args.curve_epochs)
+        if key in done and not wants_curve:
             continue
         t0 = time.perf_counter()
         models = (fed_cell(args, out, str(value), density) if args.federated
-                  else central_cell(args, dense[value], density, train))
-        row = {"cell": key, "axis": axis, "value": label, "density": density,
-               "seeds": args.seeds, **analyze(models, probe, args.points, args.test_subset),
-               "seconds": round(time.perf_counter() - t0, 1)}
+                  else central_cell(args, dense[value], density, train,
+                                    keep=out / "retrained"))
+        row = done.get(key) or {
+            "cell": key, "axis": axis, "value": label, "density": density,
+            "seeds": args.seeds, **analyze(models, probe, args.points, args.test_subset),
+            "seconds": round(time.perf_counter() - t0, 1)}
+        if wants_curve:  # appended again: the last row of a cell is the one that counts
+            row = {**row, **analyze_curves(models, train, probe, args)}
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[three-regime] {key}: test {100 * np.mean(row['test_accuracy']):.2f}% "
@@ -318,8 +376,10 @@ def run_cells(args, out: Path) -> None:
 
 # Options a later invocation may change to extend a grid; every other option decides
 # what a finished run or row means, so reusing them under another value would mix grids.
-# ``pair`` is among them because run names and rows name the paired value too.
-EXTENDABLE = ("out", "table", "temps", "values", "pair", "densities", "seeds")
+# ``pair`` is among them because run names and rows name the paired value too, and
+# ``curve_epochs`` because each row records its own.
+EXTENDABLE = ("out", "table", "temps", "values", "pair", "densities", "seeds",
+              "curve_epochs")
 
 
 def check_same_grid(old: dict, args, defaults: dict) -> None:
@@ -362,6 +422,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--points", type=int, default=11, help="points on each linear path")
+    p.add_argument("--curve-epochs", type=int, default=0,
+                   help="also probe the Bezier curve between each pair, its bend trained "
+                        "this many epochs at --lr (0: linear path only); finished cells "
+                        "gain it on a rerun")
     p.add_argument("--federated", default="",
                    help="config key of the federated knob (e.g. data.alpha, "
                         "train.local_epochs, data.num_clients); empty: central")

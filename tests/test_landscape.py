@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedprune.study.landscape import (barrier, interpolate_state, linear_cka, outputs,
-                                      path_losses, regime, reset_bn_)
+from fedprune.study.landscape import (barrier, bezier_state, fit_bend, interpolate_state,
+                                      linear_cka, outputs, path_losses, regime, reset_bn_)
 
 
 def test_linear_cka_by_hand():
@@ -122,3 +122,79 @@ def test_path_points_get_their_own_bn_statistics():
                                               (0.01, 0.95, "II-B"), (0.05, 0.9, "II-B")])
 def test_regime_names(value, cka, want):
     assert regime(value, cka, barrier_tol=0.05, cka_split=0.9) == want
+
+
+def test_bezier_state_by_hand():
+    a, b = {"w": torch.tensor(0.0), "n": torch.tensor(3)}, {"w": torch.tensor(4.0),
+                                                           "n": torch.tensor(9)}
+    # t = 1/2: 1/4 * 0 + 1/2 * 1 + 1/4 * 4 = 1.5; t = 1/4: 9/16 * 0 + 3/8 * 1 + 1/16 * 4
+    assert float(bezier_state(a, {"w": torch.tensor(1.0)}, b, 0.5)["w"]) == 1.5
+    assert float(bezier_state(a, {"w": torch.tensor(1.0)}, b, 0.25)["w"]) == 0.625
+    assert int(bezier_state(a, {"w": torch.tensor(1.0)}, b, 0.5)["n"]) == 3  # counter: a's
+    for t in (0.0, 0.3, 1.0):  # a bend at the midpoint is the linear path
+        assert float(bezier_state(a, {"w": torch.tensor(2.0)}, b, t)["w"]) == (
+            pytest.approx(4 * t))
+    with pytest.raises(ValueError, match="'v'"):
+        bezier_state(a, {"v": torch.tensor(1.0)}, b, 0.5)
+
+
+class _Point(nn.Module):
+    """A point w in the plane whose loss is the ring (|w|^2 - 1)^2, whatever the input."""
+
+    def __init__(self, w: tuple[float, float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (((self.w ** 2).sum() - 1) ** 2).expand(len(x))
+
+
+def _ring(model: nn.Module) -> dict[str, float]:
+    return {"loss": float(model(torch.zeros(1))[0].detach())}
+
+
+def _mean(out: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+    return out.mean()
+
+
+def test_one_bend_step_by_hand():
+    # ends (-1, 0) and (0.6, 0.8), both on the ring; the bend starts at the midpoint
+    # m = (-0.2, 0.4); one batch at t drawn from the seeded generator:
+    # phi = (1-t)^2 a + 2t(1-t) m + t^2 b, dL/dphi = 4 (|phi|^2 - 1) phi + wd phi,
+    # and one SGD step moves the bend by -lr 2t(1-t) dL/dphi
+    a, b = torch.tensor([-1.0, 0.0]), torch.tensor([0.6, 0.8])
+    t = float(torch.rand((), generator=torch.Generator().manual_seed(3)))
+    mid = (a + b) / 2
+    phi = (1 - t) ** 2 * a + 2 * t * (1 - t) * mid + t ** 2 * b
+    grad = 4 * ((phi ** 2).sum() - 1) * phi + 0.1 * phi
+    want = mid - 0.5 * 2 * t * (1 - t) * grad
+    bend = fit_bend(_Point((-1.0, 0.0)), _Point((0.6, 0.8)),
+                    lambda epoch: [(torch.zeros(1, 1), torch.zeros(1))], epochs=1, lr=0.5,
+                    weight_decay=0.1, seed=3, loss_fn=_mean)
+    assert torch.allclose(bend["w"], want, atol=1e-6)
+
+
+def test_fitted_curve_goes_around_a_barrier_the_line_cannot():
+    ends = _Point((-1.0, 0.0)), _Point((0.6, 0.8))
+    line = path_losses(*ends, _ring, points=21)
+    assert barrier(line) > 0.5  # the chord cuts through the ring's centre: loss 0.64
+    bend = fit_bend(*ends, lambda epoch: [(torch.zeros(1, 1), torch.zeros(1))] * 50,
+                    epochs=8, lr=0.1, weight_decay=0.0, loss_fn=_mean)
+    curve = path_losses(*ends, _ring, points=21, bend=bend)
+    assert barrier(curve) < 0.1 * barrier(line)
+    assert curve[0]["loss"] == pytest.approx(0.0) and curve[-1]["loss"] == pytest.approx(0.0)
+
+
+def test_fit_bend_keeps_pruned_weights_zero():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight[:, :2] = 0.0  # pruned at both ends
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    bend = fit_bend(a, b, lambda epoch: data, epochs=2, lr=0.5)
+    assert torch.equal(bend["weight"][:, :2], torch.zeros(3, 2))
+    mid = (a.weight[:, 2:] + b.weight[:, 2:]).detach() / 2
+    assert not torch.allclose(bend["weight"][:, 2:], mid)  # the live weights trained
+    with pytest.raises(ValueError, match="at least one epoch"):
+        fit_bend(a, b, lambda epoch: data, epochs=0, lr=0.5)

@@ -174,6 +174,22 @@ def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypat
     tr.main(args)  # a rerun skips finished cells
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
     assert "epochs \\ density" in (tmp_path / "results.md").read_text()
+    # the curved path joins finished cells on a rerun, from the saved retrained models
+    saved = sorted((tmp_path / "retrained").glob("*.safetensors"))
+    assert len(saved) == 4
+    stamps = [p.stat().st_mtime_ns for p in saved]
+    tr.main(args + ["--curve-epochs", "1", "--densities", "0.3"])
+    assert [p.stat().st_mtime_ns for p in saved] == stamps  # not retrained
+    rows = rep.load(tmp_path)
+    assert [r["cell"] for r in rows] == ["epochs=1/d=0.3", "epochs=2/d=0.3"]
+    for r in rows:
+        assert r["curve_epochs"] == 1 and len(r["curve_path_error"]) == 3
+        # both paths share their ends: only the middle differs
+        assert r["curve_path_error"][0] == pytest.approx(r["path_error"][0], abs=1e-6)
+        assert r["curve_path_error"][-1] == pytest.approx(r["path_error"][-1], abs=1e-6)
+    assert "mc curve" in (tmp_path / "results.md").read_text()
+    tr.main(args + ["--curve-epochs", "1"])  # curves done: nothing to add
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4
 
 
 def test_federated_probes_read_the_federations_training_images(scripts, data_root):
