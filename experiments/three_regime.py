@@ -40,8 +40,10 @@ curve (Garipov et al. 2018) whose bend trains N epochs on the training images
 (``fedprune.study.landscape.fit_bend``), probed the same way: the reference code carries
 Garipov's curve machinery but evaluates only the linear path (``init_linear``, no curve
 training), so the curve is our addition. Central retrained models are kept in
-``<out>/retrained`` (federated ones are the runs' own weights), so curves added to finished
-cells by a rerun need no retraining.
+``<out>/retrained`` (federated ones are the runs' own weights; both folders stay on the
+machine that ran them, not in git), so curves added to finished cells by a rerun reuse
+them; where they are missing the cell is retrained and all its probes are redone, so a row
+never mixes models.
 
 Federated cells run ``fedprune run`` (the ``dense`` row config of the non-IID study, 10
 clients, 12 rounds of 1 local epoch unless ``--set`` says otherwise): dense FedAvg at each
@@ -51,7 +53,8 @@ under the knob too unless ``--knob-in dense`` keeps it to the dense run. The
 probes read the federation's pooled training images (the first ``--probe-images`` of its
 training pool): a study-only view that no deployed server has.
 
-Rows go to ``rows.jsonl`` as cells finish; a rerun skips finished cells.
+Rows go to ``rows.jsonl`` as cells finish (a cell that gains a curve is appended again; the
+last row of a cell counts); a rerun skips finished cells and keeps their seeds.
 """
 
 from __future__ import annotations
@@ -235,7 +238,7 @@ def analyze_curves(models: list, train, probe, args) -> dict:
     pairs = [curve_pair(a, b, train, probe, args.points, args.curve_epochs, args.lr)
              for a, b in itertools.combinations(models, 2)]
     return {**mean_over_pairs(pairs), "curve_epochs": args.curve_epochs,
-            "curve_seconds": round(time.perf_counter() - t0, 1)}
+            "curve_lr": args.lr, "curve_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -257,24 +260,25 @@ def central_dense(args, out: Path, train) -> dict[int, Path]:
     return paths
 
 
-def central_cell(args, checkpoint: Path, density: float, train,
-                 keep: Path | None = None) -> list:
+def central_cell(args, checkpoint: Path, density: float, train, seeds: list[int],
+                 keep: Path | None = None) -> tuple[list, bool]:
     """The checkpoint pruned to ``density`` and retrained once per seed; with ``keep`` (a
     folder) each retrained model is saved there and reused, so later probes (the curved
-    path) need not retrain."""
-    models = []
-    for seed in args.seeds:
+    path) need not retrain. Also says whether every model was reused."""
+    models, reused = [], True
+    for seed in seeds:
         path = keep / f"{checkpoint.stem}-d{density:g}-s{seed}.safetensors" if keep else None
         if path is not None and path.exists():
             models.append(load_model(path).eval())
             continue
+        reused = False
         model = load_model(checkpoint)
         masks = prune(model, density)
         fit(model, train, args.retrain_epochs, args.lr, seed=seed, masks=masks)
         if path is not None:
             save_model(model, path)
         models.append(model.eval())
-    return models
+    return models, reused
 
 
 def fed_run(args, out: Path, name: str, overrides: list[str]) -> Path:
@@ -310,7 +314,9 @@ def row_label(args, value) -> str:
     return ", ".join([str(value), *(f"{k}={v}" for k, v in varied(args, str(value))[1:])])
 
 
-def fed_cell(args, out: Path, value: str, density: float) -> list:
+def fed_cell(args, out: Path, value: str, density: float, seeds: list[int]
+             ) -> tuple[list, bool]:
+    """The cell's retrained models, and whether every retraining run was reused."""
     knobs = varied(args, value)
     knob = knob_overrides(*knobs[0]) + [f"{k}={v}" for k, v in knobs[1:]]
     # run names carry every varied value, so grids with and without a pair never share runs
@@ -319,14 +325,16 @@ def fed_cell(args, out: Path, value: str, density: float) -> list:
     # "dense": the knob is a temperature of dense training only (the paper's reading);
     # every retraining then runs the same schedule, so cells differ only by their start
     retrain_knob = knob if args.knob_in == "both" else []
+    names = [f"retrain-{tag}-d{density:g}-s{seed}" for seed in seeds]
+    reused = all((out / "runs" / name / "summary.json").exists() for name in names)
     models = []
-    for seed in args.seeds:
-        final = fed_run(args, out, f"retrain-{tag}-d{density:g}-s{seed}",
+    for seed, name in zip(seeds, names):
+        final = fed_run(args, out, name,
                         [*retrain_knob, "method.init=uniform", f"mask.density={density}",
                          f"mask.exclude=[{','.join(EXCLUDE)}]", f"model.init_file={dense}",
                          f"run.seed={seed}"])
         models.append(load_model(final).eval())
-    return models
+    return models, reused
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -342,6 +350,16 @@ def read_rows(path: Path) -> dict[str, dict]:
     return {r["cell"]: r for r in load(path.parent)} if path.exists() else {}
 
 
+def append_row(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    curve = (f" curve mc {row['curve_mc_error']:+.3f} in {row['curve_seconds']} s"
+             if "curve_mc_error" in row else "")
+    print(f"[three-regime] {row['cell']}: test {100 * np.mean(row['test_accuracy']):.2f}% "
+          f"mc {row['mc_error']:+.3f} cka {row['cka']:.3f} in {row['seconds']} s{curve}",
+          flush=True)
+
+
 def run_cells(args, out: Path) -> None:
     train, probe = splits(args)
     rows_path = out / "rows.jsonl"
@@ -352,26 +370,26 @@ def run_cells(args, out: Path) -> None:
     for value, density in itertools.product(values, args.densities):
         label = row_label(args, value) if args.federated else str(value)
         key = cell_key(axis, label, density)
-        # rows carry their own curve_epochs, so a later --curve-epochs adds or redoes curves
-        wants_curve = args.curve_epochs and done.get(key, {}).get("curve_epochs") != (
-            args.curve_epochs)
-        if key in done and not wants_curve:
+        # rows carry their own curve settings, so a later --curve-epochs adds or redoes
+        # curves; a finished row keeps its own seeds, so its probes all read the same pairs
+        curve = {"curve_epochs": args.curve_epochs, "curve_lr": args.lr}
+        old = done.get(key)
+        wants_curve = args.curve_epochs and (old is None or any(
+            old.get(k) != v for k, v in curve.items()))
+        if old is not None and not wants_curve:
             continue
+        seeds = old["seeds"] if old else args.seeds
         t0 = time.perf_counter()
-        models = (fed_cell(args, out, str(value), density) if args.federated
-                  else central_cell(args, dense[value], density, train,
-                                    keep=out / "retrained"))
-        row = done.get(key) or {
-            "cell": key, "axis": axis, "value": label, "density": density,
-            "seeds": args.seeds, **analyze(models, probe, args.points, args.test_subset),
-            "seconds": round(time.perf_counter() - t0, 1)}
+        models, reused = (fed_cell(args, out, str(value), density, seeds) if args.federated
+                          else central_cell(args, dense[value], density, train, seeds,
+                                            keep=out / "retrained"))
+        if old is None or not reused:  # models made anew: every probe of the row is redone
+            old = {"cell": key, "axis": axis, "value": label, "density": density,
+                   "seeds": seeds, **analyze(models, probe, args.points, args.test_subset),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            append_row(rows_path, old)
         if wants_curve:  # appended again: the last row of a cell is the one that counts
-            row = {**row, **analyze_curves(models, train, probe, args)}
-        with rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"[three-regime] {key}: test {100 * np.mean(row['test_accuracy']):.2f}% "
-              f"mc {row['mc_error']:+.3f} cka {row['cka']:.3f} in {row['seconds']} s",
-              flush=True)
+            append_row(rows_path, {**old, **analyze_curves(models, train, probe, args)})
 
 
 # Options a later invocation may change to extend a grid; every other option decides
@@ -421,7 +439,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--retrain-epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--points", type=int, default=11, help="points on each linear path")
+    p.add_argument("--points", type=int, default=11, help="points on each path")
     p.add_argument("--curve-epochs", type=int, default=0,
                    help="also probe the Bezier curve between each pair, its bend trained "
                         "this many epochs at --lr (0: linear path only); finished cells "
@@ -454,6 +472,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     f"entry ({len(args.values)}) of a --federated grid")
     if not args.federated and (max(args.temps) > args.dense_epochs or min(args.temps) < 1):
         p.error(f"--temps {args.temps}: each must be in 1..--dense-epochs={args.dense_epochs}")
+    if args.curve_epochs < 0:
+        p.error(f"--curve-epochs {args.curve_epochs}: give 0 (no curve) or more")
     if any(not 0 < d <= 1 for d in args.densities):
         p.error(f"--densities {args.densities}: each must be in (0, 1]")
     if args.probe_images > args.train_subset:

@@ -92,7 +92,8 @@ def test_knob_in_decides_which_runs_get_the_knob(scripts, tmp_path, fed_calls,
     calls = fed_calls
     args = tr.parse_args(["--federated", "train.local_epochs", "--values", "4",
                           "--knob-in", knob_in])
-    assert len(tr.fed_cell(args, tmp_path, "4", 0.05)) == 2
+    models, reused = tr.fed_cell(args, tmp_path, "4", 0.05, args.seeds)
+    assert len(models) == 2 and not reused  # no summaries in tmp_path: runs made here
     assert calls["dense-local_epochs4"] == ["train.local_epochs=4", "method.init=dense"]
     for seed in (1, 2):
         retrain = calls[f"retrain-local_epochs4-d0.05-s{seed}"]
@@ -109,7 +110,7 @@ def test_pair_changes_with_the_knob_and_names_the_runs(scripts, tmp_path, fed_ca
     calls = fed_calls
     args = tr.parse_args(["--federated", "train.local_epochs", "--values", "1", "2", "4",
                           "--pair", "fed.rounds=12,6,3", "--knob-in", "dense"])
-    tr.fed_cell(args, tmp_path, "4", 0.05)
+    tr.fed_cell(args, tmp_path, "4", 0.05, args.seeds)
     assert calls["dense-local_epochs4-rounds3"] == ["train.local_epochs=4", "fed.rounds=3",
                                                     "method.init=dense"]
     retrain = calls["retrain-local_epochs4-rounds3-d0.05-s1"]
@@ -159,7 +160,8 @@ def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypat
     parsed = tr.parse_args(args)
     train, _ = tr.splits(parsed)
     dense = tr.central_dense(parsed, tmp_path, train)
-    models = tr.central_cell(parsed, dense[2], 0.3, train)
+    models, reused = tr.central_cell(parsed, dense[2], 0.3, train, parsed.seeds)
+    assert not reused  # no folder to keep them in: trained here
     for model in models:  # retraining kept the one-shot mask: 30% of every conv's weights
         for name, w in model.named_parameters():
             if name.endswith("weight") and w.dim() == 4:
@@ -190,6 +192,15 @@ def test_tiny_central_sweep_keeps_masks_and_resumes(scripts, tmp_path, monkeypat
     assert "mc curve" in (tmp_path / "results.md").read_text()
     tr.main(args + ["--curve-epochs", "1"])  # curves done: nothing to add
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4
+    # a missing model is retrained, and then the whole row is redone, not only its curve;
+    # finished rows keep their seeds (no seed-3 model just for a curve)
+    saved[0].unlink()
+    tr.main(args + ["--curve-epochs", "2", "--seeds", "1", "2", "3"])
+    lines = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["cell"], "curve_epochs" in r) for r in lines[4:]] == [
+        ("epochs=1/d=0.3", False), ("epochs=1/d=0.3", True), ("epochs=2/d=0.3", True)]
+    assert all(r["seeds"] == [1, 2] for r in rep.load(tmp_path))
+    assert saved[0].exists() and not list((tmp_path / "retrained").glob("*-s3.*"))
 
 
 def test_federated_probes_read_the_federations_training_images(scripts, data_root):

@@ -15,9 +15,10 @@ mask, different retraining seeds) are compared two ways:
   the path: both ends are zero at the same pruned positions.
 - **Curved connectivity** (Garipov et al. 2018): the quadratic Bezier curve
   phi(t) = (1 - t)^2 theta_a + 2t(1 - t) theta_bend + t^2 theta_b, its bend trained to
-  minimise the loss at random t (``fit_bend``), and the same barrier along it. A pair
-  with a linear barrier but a low curve is in one basin's curved valley; a pair with a
-  barrier on both lies in different basins. Weights zero at both ends (pruned) stay zero.
+  minimise the loss at random t (``fit_bend``), and the same barrier along it. A linear
+  barrier that a trained curve avoids means the two solutions share a curved valley; one
+  left on the curve too means different basins, or a bend trained too briefly. Weights
+  zero at both ends (pruned) stay zero.
 - **Similarity**: linear CKA (Kornblith et al. 2019) of the two models' outputs on the
   same inputs, ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred
   ``Xc``, ``Yc``: 1 for outputs equal up to rotation and scale, near 0 for unrelated ones.
@@ -85,12 +86,14 @@ def reset_bn_(model: nn.Module, batches: Batches, device: torch.device | str = "
 
 def bezier_state(a: dict[str, torch.Tensor], bend: dict[str, torch.Tensor],
                  b: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
-    """The quadratic Bezier curve through ``bend`` at ``t`` for the tensors ``bend`` names
-    (the parameters); every other tensor (BN buffers, counters) as ``interpolate_state``."""
+    """The quadratic Bezier curve with control point ``bend`` at ``t`` for the tensors
+    ``bend`` names (the parameters); every other tensor (BN buffers, counters) as
+    ``interpolate_state``."""
     out = interpolate_state(a, b, t)
     for name, w in bend.items():
         if name not in out:
             raise ValueError(f"bend tensor {name!r} is not in the end models")
+        w = w.to(a[name].device, a[name].dtype)
         out[name] = (1 - t) ** 2 * a[name] + 2 * t * (1 - t) * w + t ** 2 * b[name]
     return out
 
@@ -109,6 +112,11 @@ def fit_bend(model_a: nn.Module, model_b: nn.Module, batches: Callable[[int], Ba
     reference's gradient mask: github.com/YefanZhou/ThreeRegimePruning, mc_utils.train)."""
     if epochs < 1:
         raise ValueError(f"epochs={epochs}: the bend needs at least one epoch")
+    if len(list(model_a.named_parameters(remove_duplicate=False))) != len(
+            list(model_a.named_parameters())):
+        # state_dict() names a tied tensor twice; loading the curve would keep one alias
+        raise ValueError("fit_bend: the model ties weights (e.g. embeddings and LM head); "
+                         "curves of tied models are not supported")
     probe = copy.deepcopy(model_a).to(device).train()
     pa = {n: p.detach().to(device) for n, p in model_a.named_parameters()}
     pb = {n: p.detach().to(device) for n, p in model_b.named_parameters()}
@@ -146,8 +154,8 @@ def path_losses(model_a: nn.Module, model_b: nn.Module,
                 bend: dict[str, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """``evaluate`` (a dict with at least ``loss``) at ``points`` evenly spaced t in
     [0, 1] of the linear path from ``model_a`` to ``model_b`` (with ``bend``: the Bezier
-    curve through it, see ``fit_bend``), each row with its ``t``. ``bn_batches()`` yields
-    the training batches that recompute BN statistics per point."""
+    curve with that control point, see ``fit_bend``), each row with its ``t``.
+    ``bn_batches()`` yields the training batches that recompute BN statistics per point."""
     if points < 2:
         raise ValueError(f"points={points}: a path needs both ends (>= 2)")
     sa, sb = model_a.state_dict(), model_b.state_dict()
