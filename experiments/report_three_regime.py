@@ -10,6 +10,16 @@ the table): I where the training-error barrier of the linear path between retrai
 solutions, ``-mc``, exceeds ``BARRIER_TOL``; among the rest, II-B where the softmax CKA is at
 least the median CKA of the well-connected cells, II-A below it. Cells probed along a
 curved path too (``--curve-epochs``) get a second table: linear against curved barriers.
+
+Grids that differ only in their seeds (one pair each, in separate ``--out`` folders) pool
+into one seed table per density:
+
+    .venv/bin/python experiments/report_three_regime.py --pool POOLED.md OUT1 OUT2 ...
+
+Each temperature's test accuracy over every retrained model (mean and 95% t interval), its
+paired difference to the best temperature (per seed: every temperature retrains with the
+same seeds), and connectivity per pair. The seeds vary the retraining only; every grid
+prunes the same dense checkpoints, whose own seed-to-seed spread is not in the interval.
 """
 
 from __future__ import annotations
@@ -168,6 +178,70 @@ def write_report(out: Path) -> Path:
     return path
 
 
+def pooled_rows(outs: list[Path]) -> list[dict]:
+    """Rows of several grids that differ only in seeds (refused otherwise, naming the
+    setting), one per (cell, grid)."""
+    ignore = {"seeds", "curve_epochs", "densities", "temps", "values"}
+    first, rows = None, []
+    for out in outs:
+        settings = applicable(json.loads((out / "setup.json").read_text())["settings"])
+        settings = {k: v for k, v in settings.items() if k not in ignore}
+        if first is None:
+            first = (out, settings)
+        for key in sorted(set(settings) | set(first[1])):
+            if settings.get(key) != first[1].get(key):
+                raise SystemExit(f"report: {out} ran {key}={settings.get(key)!r}, "
+                                 f"{first[0]} {first[1].get(key)!r}: not one grid")
+        rows += load(out)
+    return rows
+
+
+def seed_table(rows: list[dict], density: float) -> list[str]:
+    from fedprune.study.paired import mean_interval, paired_difference
+
+    axis, values, _ = axes(rows)
+    acc: dict[str, dict[int, float]] = {v: {} for v in values}
+    pairs: dict[str, list[str]] = {v: [] for v in values}
+    for r in rows:
+        if r["density"] == density:
+            for seed, a in zip(r["seeds"], r["test_accuracy"]):
+                if seed in acc[r["value"]]:
+                    raise SystemExit(f"report: seed {seed} of {r['cell']} appears twice")
+                acc[r["value"]][seed] = 100 * a
+            curve = f", curve {r['curve_mc_error']:+.3f}" if "curve_mc_error" in r else ""
+            pairs[r["value"]].append(f"{r['seeds']}: {r['mc_error']:+.3f}{curve}")
+    values = [v for v in values if acc[v]]
+    best = max(values, key=lambda v: mean_interval(list(acc[v].values())).mean)
+    lines = [f"Density {density:g}: test accuracy (%) per seed, mean [95% interval], paired "
+             f"difference to the best {axis} ({best}); mc (linear, curve) per pair:", "",
+             f"| {axis} | per seed | mean [95%] | − best [95%] | mc per pair |",
+             "|---|---|---|---|---|"]
+    for v in values:
+        m = mean_interval(list(acc[v].values()))
+        d = paired_difference(acc[v], acc[best])
+        diff = "—" if v == best else (f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+                                      + ("" if d.distinguishable else " nd"))
+        seeds = ", ".join(f"{acc[v][s]:.2f}" for s in sorted(acc[v]))
+        lines.append(f"| {v} | {seeds} | {m.mean:.2f} [{m.low:.2f}, {m.high:.2f}] | {diff} "
+                     f"| {'; '.join(pairs[v])} |")
+    return lines + ["", "nd: the interval contains zero (not distinguishable)."]
+
+
+def write_pooled(path: Path, outs: list[Path]) -> Path:
+    rows = pooled_rows(outs)
+    lines = ["# Three-regime grids pooled over seeds", "",
+             "Grids: " + ", ".join(f"`{o}`" for o in outs), ""]
+    for density in sorted({r["density"] for r in rows}):
+        lines += seed_table(rows, density) + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
 if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1] if len(sys.argv) > 1 else
-                            "experiments/results/three_regime")))
+    if sys.argv[1:2] == ["--pool"]:
+        if len(sys.argv) < 5:
+            raise SystemExit("usage: report_three_regime.py --pool POOLED.md OUT1 OUT2 ...")
+        print(write_pooled(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]]))
+    else:
+        print(write_report(Path(sys.argv[1] if len(sys.argv) > 1 else
+                                "experiments/results/three_regime")))

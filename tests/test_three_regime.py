@@ -223,3 +223,34 @@ def test_federated_probes_read_the_federations_training_images(scripts, data_roo
     assert not np.array_equal(pool[:64], np.arange(64))  # a real subset, not the first
     assert np.array_equal(np.asarray(probe.labels), np.asarray(full.labels)[pool[:64]])
     assert np.array_equal(np.asarray(train.images), np.asarray(full.images)[pool])
+
+
+def _grid(path, seeds, accs, retrain_epochs=16):
+    # a finished central grid at density 0.02: one row per temperature, one pair of seeds
+    path.mkdir()
+    settings = {"dense_epochs": 16, "retrain_epochs": retrain_epochs, "seeds": seeds,
+                "federated": "", "train_subset": 10000}
+    (path / "setup.json").write_text(json.dumps({"settings": settings}))
+    rows = [{"cell": f"epochs={t}/d=0.02", "axis": "epochs", "value": t, "density": 0.02,
+             "seeds": seeds, "test_accuracy": a, "mc_error": -0.01, "cka": 0.9}
+            for t, a in accs.items()]
+    (path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_pooled_seed_table_by_hand(scripts, tmp_path):
+    # epochs 2: 40, 42 | 44, 46 (mean 43, the best); epochs 16: 38, 41 | 40, 45 (mean 41,
+    # sd sqrt(26/3), half-width t(3) 3.182 * sqrt(26/12) = 4.684); 16 - 2 per seed:
+    # -2, -1, -4, -1 (mean -2, sd sqrt(2), half-width 3.182 * sqrt(2/4) = 2.250): nd
+    _, rep = scripts
+    a = _grid(tmp_path / "a", [1, 2], {"2": [0.40, 0.42], "16": [0.38, 0.41]})
+    b = _grid(tmp_path / "b", [3, 4], {"2": [0.44, 0.46], "16": [0.40, 0.45]})
+    text = rep.write_pooled(tmp_path / "pooled.md", [a, b]).read_text()
+    assert "| 2 | 40.00, 42.00, 44.00, 46.00 | 43.00 [" in text
+    assert ("| 16 | 38.00, 41.00, 40.00, 45.00 | 41.00 [36.32, 45.68] | -2.00 [-4.25, +0.25] "
+            "nd |") in text
+    other = _grid(tmp_path / "c", [5, 6], {"2": [0.4, 0.4]}, retrain_epochs=8)
+    with pytest.raises(SystemExit, match="retrain_epochs"):
+        rep.write_pooled(tmp_path / "x.md", [a, other])
+    with pytest.raises(SystemExit, match="seed 1 of epochs=2/d=0.02 appears twice"):
+        rep.write_pooled(tmp_path / "x.md", [a, a])
