@@ -141,7 +141,8 @@ def fit_bend(model_a: nn.Module, model_b: nn.Module, batches: Callable[[int], Ba
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for n, w in bend.items():
-                w.grad.mul_(live[n])
+                if w.grad is not None:  # None: a parameter this forward did not use
+                    w.grad.mul_(live[n])
             opt.step()
         sched.step()
     return {n: w.detach().cpu() for n, w in bend.items()}
