@@ -232,13 +232,18 @@ def analyze(models: list, probe, points: int, test_subset: int = 0) -> dict:
                               for m in models], **mean_over_pairs(pairs)}
 
 
+def curve_settings(args) -> dict:
+    """What a row's curve depends on; a row whose record differs gets its curve redone."""
+    return {"curve_epochs": args.curve_epochs, "curve_lr": args.lr}
+
+
 def analyze_curves(models: list, train, probe, args) -> dict:
     """The curved-path probes, averaged over every pair, with the bend's epochs."""
     t0 = time.perf_counter()
     pairs = [curve_pair(a, b, train, probe, args.points, args.curve_epochs, args.lr)
              for a, b in itertools.combinations(models, 2)]
-    return {**mean_over_pairs(pairs), "curve_epochs": args.curve_epochs,
-            "curve_lr": args.lr, "curve_seconds": round(time.perf_counter() - t0, 1)}
+    return {**mean_over_pairs(pairs), **curve_settings(args),
+            "curve_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ----------------------------------------------------------------------------- cells
@@ -372,10 +377,9 @@ def run_cells(args, out: Path) -> None:
         key = cell_key(axis, label, density)
         # rows carry their own curve settings, so a later --curve-epochs adds or redoes
         # curves; a finished row keeps its own seeds, so its probes all read the same pairs
-        curve = {"curve_epochs": args.curve_epochs, "curve_lr": args.lr}
         old = done.get(key)
         wants_curve = args.curve_epochs and (old is None or any(
-            old.get(k) != v for k, v in curve.items()))
+            old.get(k) != v for k, v in curve_settings(args).items()))
         if old is not None and not wants_curve:
             continue
         seeds = old["seeds"] if old else args.seeds
